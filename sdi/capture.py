@@ -1,0 +1,216 @@
+"""Hooks that see every call of every parameterised module inside the loop, tagged with its iteration.
+
+A looped model calls its loop module(s) once per iteration. A forward pre-hook on each loop module counts
+those calls: the c-th call *is* step ``c``. Every module inside the loop that owns parameters (a "leaf":
+``nn.Linear``, ``nn.LayerNorm``, ...) records, for each of its calls, the inputs it saw and — through a
+hook on its output tensor — the gradient that flows back into that output. From these two tensors the
+per-example gradient of the leaf's parameters *at that step* follows in closed form (``phi_t``), without
+ever untying the loop.
+
+The capture never touches ``.grad`` of the model's parameters and removes all its hooks on exit.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+
+class CaptureError(ValueError):
+    """The hooks could not attribute the gradient to loop iterations (see the message for the remedy)."""
+
+
+@dataclass
+class LeafCalls:
+    """Everything one parameterised module saw during one forward/backward pass.
+
+    For call ``c``: ``steps[c]`` is the iteration, ``args[c]``/``kwargs[c]`` the (detached) inputs and
+    ``grad_outputs[c]`` the gradient of the summed per-example losses with respect to its output
+    (``None`` when the output did not influence the loss). The leading dimension of every tensor is the
+    example dimension ``B``.
+    """
+
+    name: str
+    module: nn.Module
+    steps: list[int] = field(default_factory=list)
+    args: list[tuple] = field(default_factory=list)
+    kwargs: list[dict] = field(default_factory=list)
+    grad_outputs: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class ParamSlot:
+    """One parameter of the loop: its qualified name, the tensor, and the leaf that owns it."""
+
+    name: str
+    param: nn.Parameter
+    leaf: str          # qualified name of the owning module
+    attr: str          # attribute name inside the owning module ("weight", "bias", ...)
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+
+def normalize_loop(model: nn.Module, loop: nn.Module | Sequence[nn.Module]) -> list[nn.Module]:
+    """``loop`` as a non-empty list of distinct submodules of ``model``."""
+    modules = [loop] if isinstance(loop, nn.Module) else list(loop)
+    if not modules:
+        raise ValueError("loop must be a module or a non-empty list of modules, got an empty list")
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"loop must contain nn.Module objects, got {type(m).__name__}")
+    owned = {id(m) for m in model.modules()}
+    for m in modules:
+        if id(m) not in owned:
+            raise ValueError(f"loop module {type(m).__name__} is not a submodule of the model")
+    if len({id(m) for m in modules}) != len(modules):
+        raise ValueError("loop lists the same module twice")
+    return modules
+
+
+def loop_parameters(model: nn.Module, loop_modules: list[nn.Module]) -> tuple[list[ParamSlot], dict[str, nn.Module]]:
+    """The trainable parameters of the loop, in a fixed order, and the leaves that own them.
+
+    A parameter shared by two modules (tied weights) appears once; both owners become leaves.
+    """
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    slots: list[ParamSlot] = []
+    leaves: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for loop_module in loop_modules:
+        for mod_name, module in loop_module.named_modules(prefix=names[id(loop_module)], remove_duplicate=False):
+            direct = [(a, p) for a, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not direct:
+                continue
+            leaves[mod_name] = module
+            for attr, p in direct:
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                slots.append(ParamSlot(f"{mod_name}.{attr}" if mod_name else attr, p, mod_name, attr))
+    if not slots:
+        raise ValueError("the loop modules have no trainable parameters (requires_grad=True) to attribute")
+    return slots, leaves
+
+
+class StepCapture:
+    """Context manager recording per-step inputs and output gradients of the loop's leaves.
+
+        with StepCapture(model, loop_modules) as cap:
+            losses = loss_fn(model, batch)             # (B,)
+            torch.autograd.grad(losses.sum(), params)  # fills cap.calls via tensor hooks
+        cap.n_steps                                    # iterations the loop ran
+
+    Leaves called outside any loop call (a module shared with the prelude, say) raise a
+    :class:`CaptureError`: their gradient cannot be assigned to an iteration.
+    """
+
+    def __init__(self, model: nn.Module, loop_modules: list[nn.Module], leaves: dict[str, nn.Module]) -> None:
+        self.model = model
+        self.loop_modules = loop_modules
+        self.leaves = leaves
+        self.calls: dict[str, LeafCalls] = {}
+        self.loop_calls: list[int] = [0] * len(loop_modules)
+        self._stack: list[int] = []
+        self._handles: list = []
+        self._active = True
+        self._errors: list[str] = []
+
+    # -- hooks -------------------------------------------------------------------------------------
+    def _loop_pre(self, index: int):
+        def hook(module, args):
+            if self._active:
+                self._stack.append(self.loop_calls[index])
+                self.loop_calls[index] += 1
+        return hook
+
+    def _loop_post(self, module, args, output):
+        if self._active and self._stack:
+            self._stack.pop()
+
+    def _leaf_hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            if not self._active or not torch.is_grad_enabled():
+                return
+            if not self._stack:
+                self._errors.append(
+                    f"module '{name}' holds loop parameters but also ran outside the loop modules; its gradient "
+                    "there cannot be assigned to an iteration. Untie the weight or add the module to `loop`."
+                )
+                return
+            rec = self.calls.setdefault(name, LeafCalls(name, module))
+            slot = len(rec.steps)
+            rec.steps.append(self._stack[-1])
+            rec.args.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+            rec.kwargs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            rec.grad_outputs.append([None] * len(outputs))
+            for j, out in enumerate(outputs):
+                if torch.is_tensor(out) and out.requires_grad:
+                    out.register_hook(self._grad_hook(rec, slot, j))
+        return hook
+
+    @staticmethod
+    def _grad_hook(rec: LeafCalls, slot: int, j: int):
+        def hook(grad):
+            prev = rec.grad_outputs[slot][j]
+            rec.grad_outputs[slot][j] = grad.detach() if prev is None else prev + grad.detach()
+        return hook
+
+    # -- context -----------------------------------------------------------------------------------
+    def __enter__(self) -> "StepCapture":
+        for i, m in enumerate(self.loop_modules):
+            self._handles.append(m.register_forward_pre_hook(self._loop_pre(i)))
+            self._handles.append(m.register_forward_hook(self._loop_post))
+        for name, leaf in self.leaves.items():
+            # prepend: a loop module that owns parameters must record before its own post-hook pops the step
+            self._handles.append(leaf.register_forward_hook(self._leaf_hook(name), with_kwargs=True, prepend=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Run code (e.g. a functional re-evaluation of a leaf) without recording it."""
+        self._active, prev = False, self._active
+        try:
+            yield
+        finally:
+            self._active = prev
+
+    # -- results -----------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        """Iterations the loop ran; raises if a loop module never ran or the modules disagree."""
+        names = [type(m).__name__ for m in self.loop_modules]
+        never = [n for n, c in zip(names, self.loop_calls) if c == 0]
+        if never:
+            raise CaptureError(
+                f"loop module(s) {never} never ran in the forward pass of loss_fn; pass the module(s) that the "
+                "model calls once per iteration as `loop`"
+            )
+        if len(set(self.loop_calls)) != 1:
+            raise CaptureError(
+                f"the loop modules ran different numbers of times {dict(zip(names, self.loop_calls))}; every module "
+                "in `loop` must run exactly once per iteration"
+            )
+        return self.loop_calls[0]
+
+    def raise_errors(self) -> None:
+        if self._errors:
+            raise CaptureError(self._errors[0])
