@@ -1,0 +1,496 @@
+"""Speed, memory and accuracy of step-resolved influence: ours (exact, sketched) against the authors' package.
+
+One run measures, on identical weights, data, checkpoints and batch size, each method in its own
+subprocess (so peak RSS is per method):
+
+    plain          a plain forward + backward over the same examples and checkpoints (the floor)
+    ours_exact     sdi.StepInfluence(..., sketch_dim=None)
+    ours_sketch    sdi.StepInfluence(..., sketch_dim=m)            m = total feature width
+    ref_exact      FullGradientTracInSDI       (step-decomposed-influence 0.1.1)
+    ref_projected  ProjectedTracInSDI(projection_size=m)           m per parameter tensor
+
+The reference also imports as ``sdi``, so its workers run with ``--ref-python`` (a separate virtual
+environment); they import only ``torch``, ``bench_model`` and the reference package. Shared inputs travel as
+files: token tensors, and checkpoints ``{"state_dict": ...}`` read with ``torch.load(weights_only=True)``.
+
+    python benchmarks/compare_reference.py --quick --ref-python /work/venv-ref/bin/python
+    python benchmarks/compare_reference.py --n-train 1024 --tau 6 --d-model 128 --ref-python .venv-ref/bin/python
+
+Prints a markdown table and the target ratios, and writes benchmarks/results/compare_<config>.json.
+Timings taken while other jobs share the CPU are noisy; the load average is recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model as bm  # noqa: E402  (never imports the `sdi` package: safe in both environments)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+OURS = ("plain", "ours_exact", "ours_sketch")
+REF = ("ref_exact", "ref_projected")
+METHODS = OURS + REF
+TOP_K = 10
+
+
+# ============================================================================================== worker side
+# Everything below until "driver side" runs inside one subprocess per method.
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+class Stopwatch:
+    """Wraps a function and accumulates the wall time spent inside it (device-synchronised)."""
+
+    def __init__(self, fn: Callable, device: str) -> None:
+        self.fn, self.device, self.seconds, self.calls = fn, device, 0.0, 0
+
+    def __call__(self, *args, **kwargs):
+        sync(self.device)
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            sync(self.device)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+
+
+def load_state(path: str) -> dict:
+    """A checkpoint file written by the driver, read without unpickling code."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_plain(model, train, query, ckpts, m, device) -> tuple[torch.Tensor | None, float]:
+    """Forward + backward of the summed loss over every batch at every checkpoint: returns (None, seconds)."""
+    seconds = 0.0
+    for path, _eta in ckpts:
+        model.load_state_dict(load_state(path)["state_dict"])
+        model.eval()
+        sync(device)
+        start = time.perf_counter()
+        for batch in train + query:
+            model.zero_grad(set_to_none=True)
+            bm.loss_fn(model, batch).sum().backward()
+        sync(device)
+        seconds += time.perf_counter() - start
+    return None, seconds
+
+
+def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float]:
+    """``sdi.StepInfluence(...).influence``; featurization = time inside ``sdi.influence.batch_features``."""
+    import sdi
+    import sdi.influence as influence_module
+
+    if not hasattr(sdi, "StepInfluence"):
+        raise ImportError(f"'sdi' resolved to {sdi.__file__}, which is not this repository's package")
+    watch = Stopwatch(influence_module.batch_features, device)
+    influence_module.batch_features = watch
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=bm.loss_fn, sketch_dim=m, seed=0, progress=False)
+    res = attr.influence(train, query, checkpoints=[(path, eta) for path, eta in ckpts])
+    return res.sdi, (watch.seconds if watch.calls else float("nan"))
+
+
+def run_ref(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float]:
+    """The reference's ``influence_across_checkpoints``; featurization = time inside ``featurize_loader``."""
+    import sdi
+
+    if not hasattr(sdi, "ProjectedTracInSDI"):
+        raise ImportError(f"'sdi' resolved to {sdi.__file__}, not to step-decomposed-influence; pass the "
+                          "reference environment's interpreter as --ref-python")
+    if m is None:
+        est = sdi.FullGradientTracInSDI(model=model, target_modules=model.block)
+    else:
+        est = sdi.ProjectedTracInSDI(model=model, target_modules=model.block, projection_size=m, seed=0)
+    watch = Stopwatch(est.featurize_loader, device)
+    est.featurize_loader = watch
+    out = est.influence_across_checkpoints(
+        checkpoints=[sdi.CheckpointSpec(path, eta) for path, eta in ckpts], train_loader=train,
+        query_loader=query, loss_fn=bm.loss_fn, mode="sdi", load_checkpoint_fn=load_state)
+    est.close()
+    return out.sdi, watch.seconds
+
+
+RUNNERS = {"plain": run_plain, "ours_exact": run_ours, "ours_sketch": run_ours,
+           "ref_exact": run_ref, "ref_projected": run_ref}
+
+
+def package_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("step-decomposed-influence", "loopsdi"):
+        try:
+            return f"{dist} {version(dist)}"
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def worker(method: str, m: int | None, workdir: Path, tag: str) -> None:
+    """Run one method on the inputs in ``workdir``; write ``result_<tag>.json`` and ``sdi_<tag>.pt``."""
+    spec = json.loads((workdir / "spec.json").read_text())
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    data = torch.load(workdir / "data.pt", weights_only=True)
+    model = bm.build_model(spec["model_config"]).to(device)
+    train = bm.make_batches(data["train_tokens"], data["train_targets"], spec["batch_size"], device)
+    query = bm.make_batches(data["query_tokens"], data["query_targets"], spec["batch_size"], device)
+    ckpts = [(p, eta) for p, eta in spec["checkpoints"]]
+    if method != "plain":
+        import sdi  # noqa: F401  (imported before the baseline so it counts as baseline memory)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    result: dict[str, Any] = {"method": method, "m": m, "python": sys.executable, "package": package_version(),
+                              "base_rss_mb": peak_rss_mb()}
+    try:
+        sync(device)
+        start = time.perf_counter()
+        sdi_tensor, featurize_s = RUNNERS[method](model, train, query, ckpts, m, device)
+        sync(device)
+        result.update(status="ok", total_s=time.perf_counter() - start, featurize_s=featurize_s)
+        if sdi_tensor is not None:
+            torch.save(sdi_tensor.detach().float().cpu(), workdir / f"sdi_{tag}.pt")
+    except Exception as e:  # reported in the table; the other methods still run
+        result.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    result["peak_rss_mb"] = peak_rss_mb()
+    if device.startswith("cuda"):
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    (workdir / f"result_{tag}.json").write_text(json.dumps(result))
+
+
+# ============================================================================================== driver side
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="small config that finishes in about 2 minutes")
+    p.add_argument("--n-train", type=int, default=1024, help="training examples (256..8192)")
+    p.add_argument("--n-query", type=int, default=16)
+    p.add_argument("--tau", type=int, default=6, help="loop iterations (4..32)")
+    p.add_argument("--d-model", type=int, default=128, help="64..512 (n_heads = d_model // 32, d_mlp = 4 d_model)")
+    p.add_argument("--k", type=int, default=3, help="checkpoints")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--task", choices=("chains", "parity", "addition"), default="chains")
+    p.add_argument("--train-steps", type=int, default=100, help="AdamW steps that produce the checkpoints")
+    p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 4096, 16384],
+                   help="ours: total sketch width m (256..16384)")
+    p.add_argument("--ref-m", type=int, nargs="*", default=[256, 1024],
+                   help="reference: projection_size per parameter tensor (width = m x tensors)")
+    p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    p.add_argument("--ref-python", default=os.environ.get("SDI_REF_PYTHON", "/work/venv-ref/bin/python"),
+                   help="interpreter of the environment with step-decomposed-influence==0.1.1")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (same for every method)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak CUDA memory is reported too)")
+    p.add_argument("--max-exact-gb", type=float, default=6.0,
+                   help="skip ref_exact when its stored train features (2 copies) would exceed this")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per method")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/compare_<config>.json)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the shared inputs and outputs here")
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--m", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tag", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_train, args.tau, args.d_model, args.k, args.train_steps = 256, 4, 64, 2, 40
+        args.sketch_m, args.ref_m = [1024, 4096, 16384], [256, 1024]
+    for name in ("n_train", "n_query", "tau", "d_model", "k", "batch_size", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.d_model % 32:
+        p.error("--d-model must be a multiple of 32 (heads of width 32)")
+    if any(m < 1 for m in args.sketch_m + args.ref_m):
+        p.error("sketch sizes must be >= 1")
+    return args
+
+
+def config_tag(args: argparse.Namespace) -> str:
+    return ("quick" if args.quick else
+            f"{args.task}_n{args.n_train}_q{args.n_query}_tau{args.tau}_d{args.d_model}_k{args.k}_b{args.batch_size}")
+
+
+def make_data(task: str, n: int, seed: int):
+    from sdi import tasks
+
+    if task == "chains":
+        return tasks.variable_chains(n, seed=seed)
+    if task == "parity":
+        return tasks.parity(n, n_bits=8, seed=seed)
+    return tasks.addition(n, seed=seed)
+
+
+def prepare(args: argparse.Namespace, workdir: Path) -> dict:
+    """Data, a briefly trained model and its K checkpoints, written to ``workdir``; returns the spec."""
+    import sdi
+
+    train_data = make_data(args.task, args.n_train, seed=1)
+    query_data = make_data(args.task, args.n_query, seed=2)
+    model_config = sdi.LoopedGPTConfig(vocab_size=train_data.tokenizer.vocab_size, block_size=train_data.seq_len,
+                                       d_model=args.d_model, n_heads=args.d_model // 32, n_loops=args.tau).to_dict()
+    model = bm.build_model(model_config)
+    config = sdi.TrainConfig(steps=args.train_steps, batch_size=64, lr=3e-3, warmup_steps=max(1, args.train_steps // 5),
+                             n_checkpoints=args.k, seed=0)
+    trained = sdi.train.train(model, train_data, config, checkpoint_dir=workdir / "checkpoints", progress=False)
+    tensors = {"train_tokens": train_data.tokens, "train_targets": train_data.targets,
+               "query_tokens": query_data.tokens, "query_targets": query_data.targets}
+    torch.save(tensors, workdir / "data.pt")
+    spec = {"model_config": model_config, "batch_size": args.batch_size, "threads": args.threads,
+            "device": args.device, "checkpoints": [[str(c.path), c.lr] for c in trained.checkpoints],
+            "seq_len": train_data.seq_len, "final_train_loss": trained.losses[-1]}
+    (workdir / "spec.json").write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+def loop_shape(model_config: dict) -> tuple[int, int]:
+    """(number of parameter tensors, number of parameters) of the loop body ``model.block``."""
+    params = [p for p in bm.build_model(model_config).block.parameters() if p.requires_grad]
+    return len(params), sum(p.numel() for p in params)
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
+    runs = []
+    for method in args.methods:
+        if method == "ours_sketch":
+            runs += [(method, m) for m in args.sketch_m]
+        elif method == "ref_projected":
+            runs += [(method, m) for m in args.ref_m]
+        else:
+            runs.append((method, None))
+    return runs
+
+
+def run_worker(args, workdir: Path, method: str, m: int | None) -> dict:
+    tag = method if m is None else f"{method}_{m}"
+    python = args.ref_python if method in REF else sys.executable
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the reference must not see our `sdi`
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [python, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(workdir), "--tag", tag]
+    if m is not None:
+        cmd += ["--m", str(m)]
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "m": m, "status": f"timeout after {args.timeout:.0f} s"}
+    except FileNotFoundError:
+        return {"method": method, "m": m, "status": f"error: interpreter not found: {python}"}
+    path = workdir / f"result_{tag}.json"
+    if not path.exists():
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"method": method, "m": m, "status": f"crashed (exit {proc.returncode}): {tail[0][:200]}"}
+    result = json.loads(path.read_text())
+    result["sdi_file"] = str(workdir / f"sdi_{tag}.pt") if (workdir / f"sdi_{tag}.pt").exists() else None
+    return result
+
+
+def accuracy(estimate: torch.Tensor, exact: torch.Tensor, k: int = TOP_K) -> dict[str, float]:
+    """Agreement of an (N, Q, T) SDI estimate with the exact one.
+
+    rel_err: ||est - exact||_F / ||exact||_F over the whole tensor; pearson and top-k overlap are computed per
+    (query, step) over the N training examples and averaged; topk uses the k largest (proponents).
+    """
+    e, x = estimate.double().flatten(1), exact.double().flatten(1)  # (N, Q*T)
+    rel = float((e - x).norm() / x.norm())
+    ec, xc = e - e.mean(0), x - x.mean(0)
+    pearson = (ec * xc).sum(0) / (ec.norm(dim=0) * xc.norm(dim=0)).clamp_min(1e-300)
+    k = min(k, x.shape[0])
+    top_e, top_x = e.topk(k, dim=0).indices, x.topk(k, dim=0).indices  # (k, Q*T)
+    overlap = [len(set(top_e[:, j].tolist()) & set(top_x[:, j].tolist())) / k for j in range(x.shape[1])]
+    return {"rel_err": rel, "pearson": float(pearson.mean()), "pearson_min": float(pearson.min()),
+            f"top{k}": sum(overlap) / len(overlap), f"top{k}_min": min(overlap)}
+
+
+def add_accuracy(results: list[dict]) -> str | None:
+    """Fill in accuracy against the exact SDI (ours_exact, else ref_exact); returns which one was used."""
+    exact_run = next((r for m in ("ours_exact", "ref_exact") for r in results
+                      if r["method"] == m and r.get("sdi_file")), None)
+    if exact_run is None:
+        return None
+    exact = torch.load(exact_run["sdi_file"], weights_only=True)
+    for r in results:
+        if r.get("sdi_file") and r is not exact_run:
+            r["accuracy"] = accuracy(torch.load(r["sdi_file"], weights_only=True), exact)
+    return exact_run["method"]
+
+
+def feature_width(r: dict, n_tensors: int, n_params: int) -> int | None:
+    if r["method"] in ("ours_exact", "ref_exact"):
+        return n_params
+    if r["method"] == "ours_sketch":
+        return r["m"]
+    if r["method"] == "ref_projected":
+        return r["m"] * n_tensors
+    return None
+
+
+def fmt(value: Any, spec: str = ".2f") -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "–"
+    return format(value, spec)
+
+
+def table(results: list[dict]) -> str:
+    head = ("| method | m | width | total s | featurize s | influence s | peak RSS MB | Δ RSS MB "
+            f"| rel err | pearson | top-{TOP_K} | status |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        acc = r.get("accuracy", {})
+        total, feat = r.get("total_s"), r.get("featurize_s")
+        infl = total - feat if total is not None and feat is not None and feat == feat else None
+        delta = r["peak_rss_mb"] - r["base_rss_mb"] if "peak_rss_mb" in r else None
+        lines.append(
+            f"| {r['method']} | {fmt(r['m'], 'd')} | {fmt(r.get('width'), ',d')} | {fmt(total, '.1f')} "
+            f"| {fmt(feat, '.1f')} | {fmt(infl, '.1f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(delta, '.0f')} "
+            f"| {fmt(acc.get('rel_err'), '.4f')} | {fmt(acc.get('pearson'), '.4f')} "
+            f"| {fmt(acc.get(f'top{TOP_K}'), '.3f')} | {r['status']} |")
+    return "\n".join(lines)
+
+
+def ok(results: list[dict], method: str) -> list[dict]:
+    return [r for r in results if r["method"] == method and r["status"] == "ok"]
+
+
+def ratios(results: list[dict]) -> dict[str, Any]:
+    """The issue's targets, each as a ratio taken from this run."""
+    out: dict[str, Any] = {}
+    plain = ok(results, "plain")
+    ours_exact, ref_exact = ok(results, "ours_exact"), ok(results, "ref_exact")
+    sketches, projected = ok(results, "ours_sketch"), ok(results, "ref_projected")
+    key = f"top{TOP_K}"
+    # 1. at equal or lower error and equal or higher top-k overlap: time and peak memory vs the reference
+    matched = []
+    for ref in projected:
+        ra = ref.get("accuracy")
+        if ra is None:
+            continue
+        good = [s for s in sketches if "accuracy" in s and s["accuracy"]["rel_err"] <= ra["rel_err"]
+                and s["accuracy"][key] >= ra[key]]
+        entry = {"ref_m": ref["m"], "ref_rel_err": ra["rel_err"], f"ref_{key}": ra[key], "ours_m": None}
+        if good:
+            best = min(good, key=lambda s: s["total_s"])
+            entry.update(ours_m=best["m"], time_ratio=best["total_s"] / ref["total_s"],
+                         memory_ratio=best["peak_rss_mb"] / ref["peak_rss_mb"],
+                         memory_delta_ratio=(best["peak_rss_mb"] - best["base_rss_mb"])
+                         / max(1e-9, ref["peak_rss_mb"] - ref["base_rss_mb"]))
+        matched.append(entry)
+    out["sketch_vs_ref_projected"] = matched
+    # 2. sketched featurization vs the plain forward + backward floor
+    if plain:
+        out["sketch_featurize_over_plain"] = {s["m"]: s["featurize_s"] / plain[0]["featurize_s"] for s in sketches}
+        if ours_exact:
+            out["exact_featurize_over_plain"] = ours_exact[0]["featurize_s"] / plain[0]["featurize_s"]
+    # 3. exact path vs the reference's exact path
+    if ours_exact and ref_exact:
+        out["exact_time_ratio"] = ours_exact[0]["total_s"] / ref_exact[0]["total_s"]
+        out["exact_memory_ratio"] = ours_exact[0]["peak_rss_mb"] / ref_exact[0]["peak_rss_mb"]
+        if ours_exact[0].get("sdi_file") and ref_exact[0].get("sdi_file"):
+            a = torch.load(ours_exact[0]["sdi_file"], weights_only=True)
+            b = torch.load(ref_exact[0]["sdi_file"], weights_only=True)
+            out["exact_agreement_rel_err"] = float((a - b).norm() / b.norm())
+    return out
+
+
+def ratio_report(r: dict[str, Any]) -> str:
+    lines = ["Targets (ratios from this run):"]
+    for e in r.get("sketch_vs_ref_projected", []):
+        head = (f"- ref_projected m={e['ref_m']} (rel err {e['ref_rel_err']:.4f}, top-{TOP_K} "
+                f"{e[f'ref_top{TOP_K}']:.3f}): ")
+        if e["ours_m"] is None:
+            lines.append(head + "no ours_sketch run reached equal or lower error and equal or higher overlap")
+        else:
+            lines.append(head + f"cheapest ours_sketch at <= error is m={e['ours_m']}: time ratio "
+                         f"{e['time_ratio']:.2f} (target <= 0.33), peak RSS ratio {e['memory_ratio']:.2f} "
+                         f"(target <= 0.33; above-baseline ratio {e['memory_delta_ratio']:.2f})")
+    for m, v in r.get("sketch_featurize_over_plain", {}).items():
+        lines.append(f"- ours_sketch m={m} featurization / plain fwd+bwd: {v:.2f} (target <= 2)")
+    if "exact_featurize_over_plain" in r:
+        lines.append(f"- ours_exact featurization / plain fwd+bwd: {r['exact_featurize_over_plain']:.2f}")
+    if "exact_time_ratio" in r:
+        lines.append(f"- ours_exact / ref_exact total time: {r['exact_time_ratio']:.2f} (target <= 1); "
+                     f"peak RSS ratio {r['exact_memory_ratio']:.2f}")
+    if "exact_agreement_rel_err" in r:
+        lines.append(f"- ours_exact vs ref_exact SDI: relative error {r['exact_agreement_rel_err']:.1e} "
+                     "(two independent exact implementations)")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.m, args.workdir, args.tag)
+        return {}
+    torch.set_num_threads(args.threads)
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="sdi_compare_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    print(f"preparing {config_tag(args)} in {workdir} ...", flush=True)
+    spec = prepare(args, workdir)
+    n_tensors, n_params = loop_shape(spec["model_config"])
+    results = []
+    for method, m in planned_runs(args):
+        exact_gb = 2 * args.n_train * args.tau * n_params * 4 / 1e9
+        if method == "ref_exact" and exact_gb > args.max_exact_gb:
+            r = {"method": method, "m": m, "status": f"skipped: needs ~{exact_gb:.1f} GB (> --max-exact-gb)"}
+        else:
+            print(f"  {method}{'' if m is None else f' m={m}'} ...", end=" ", flush=True)
+            r = run_worker(args, workdir, method, m)
+            print(r["status"] if r["status"] != "ok" else f"{r['total_s']:.1f} s, {r['peak_rss_mb']:.0f} MB",
+                  flush=True)
+        r["width"] = feature_width(r, n_tensors, n_params)
+        results.append(r)
+    accuracy_reference = add_accuracy(results)
+    rat = ratios(results)
+    print(f"\nconfig: task={args.task} N_train={args.n_train} queries={args.n_query} tau={args.tau} "
+          f"d_model={args.d_model} K={args.k} batch={args.batch_size} seq_len={spec['seq_len']} "
+          f"loop tensors={n_tensors} loop params={n_params:,} threads={args.threads} device={args.device}")
+    print(f"accuracy against: {accuracy_reference or 'no exact run'}; load average at start "
+          f"{load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    print(table(results) + "\n")
+    print(ratio_report(rat))
+    payload = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                   if k not in ("worker", "m", "tag")},
+        "seq_len": spec["seq_len"], "loop_tensors": n_tensors, "loop_params": n_params,
+        "checkpoint_etas": [eta for _, eta in spec["checkpoints"]],
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "accuracy_reference": accuracy_reference,
+        "results": [{k: v for k, v in r.items() if k != "sdi_file"} for r in results],
+        "ratios": rat,
+    }
+    out = args.out or RESULTS / f"compare_{config_tag(args)}.json"
+    write_json(out, payload)
+    print(f"\nwrote {out}")
+    if args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
