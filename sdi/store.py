@@ -578,6 +578,8 @@ def featurize(
                         f"the feature store {root} does not match what is in use now: training data differs in chunk "
                         f"{i} (rows {rows[0]}:{rows[1]}). Use the training set the store was made with, or a new store.")
                 if problem is None:
+                    if not record_path(root, k, i).is_file():  # known only from the manifest: restore the record
+                        _write_json(record_path(root, k, i), record)
                     stats.reused += 1
                     bar.update()
                     continue
