@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .capture import loop_parameters, normalize_loop
 from .features import ExactFeaturizer, Featurizer, StepFeatures, batch_features, check_fingerprints
+from .sketch import DEFAULT_SKETCH_DIM, GroupSpec, SketchFeaturizer
 from .train import Checkpoint, load_checkpoint
 
 CheckpointSpec = Any  # (path | state_dict | Checkpoint, eta) or a Checkpoint (eta = its lr)
@@ -184,9 +185,12 @@ class StepInfluence:
     loop:       the module(s) the model calls once per iteration (e.g. ``model.block``); their trainable
                 parameters are the ones attributed.
     loss_fn:    ``loss_fn(model, batch) -> (B,)`` per-example losses.
-    sketch_dim: ``None`` for exact per-example gradients (``P`` floats per example and step), or ``m``
-                for TensorSketch features of width ``m``.
+    sketch_dim: ``m``, the width of the TensorSketch features (default :data:`sdi.sketch.DEFAULT_SKETCH_DIM`),
+                or ``None`` for exact per-example gradients (``P`` floats per example and step; for validation).
     seed:       the sketch's seed; train and query features must share it.
+    groups:     sketched features only: ``None`` (one sketch of all parameters, features (N, T, m)),
+                ``"module"`` (attention / mlp / norm / other kept apart, features (N, T, G, m)) or a callable
+                ``parameter name -> group name``.
 
         attr = StepInfluence(model, loop=model.block, loss_fn=loss_fn)
         res = attr.influence(train_batches, query_batches, checkpoints=[(path, eta), ...])
@@ -194,7 +198,8 @@ class StepInfluence:
     """
 
     def __init__(self, model: nn.Module, loop: nn.Module | Sequence[nn.Module], loss_fn: Callable,
-                 sketch_dim: int | None = None, seed: int = 0, progress: bool = True) -> None:
+                 sketch_dim: int | None = None, seed: int = 0, progress: bool = True,
+                 groups: GroupSpec = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -205,13 +210,16 @@ class StepInfluence:
         self.slots, self.leaves = loop_parameters(model, self.loop_modules)
         self.sketch_dim = sketch_dim
         self.seed = seed
+        self.groups = groups
         self.progress = progress
         self.featurizer = self._make_featurizer()
 
     def _make_featurizer(self) -> Featurizer:
         if self.sketch_dim is None:
+            if self.groups is not None:
+                raise ValueError("groups applies to sketched features only; pass sketch_dim=m or groups=None")
             return ExactFeaturizer(self.slots)
-        raise NotImplementedError("sketched features are not implemented yet; use sketch_dim=None")
+        return SketchFeaturizer(self.slots, self.sketch_dim, seed=self.seed, groups=self.groups, leaves=self.leaves)
 
     @property
     def n_params(self) -> int:
