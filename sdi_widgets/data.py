@@ -1,0 +1,271 @@
+"""What the explorer shows, computed once: validated texts and the top-k ranking of every (view, query, step, sign).
+
+A *view* is the sum over checkpoints (view 0, ``result.sdi``) or one checkpoint's eta-weighted share
+(views 1..K, ``result.checkpoint_sdi[k]``) when the result kept more than one checkpoint. A *sign* is
+``"proponents"`` (largest positive SDI_t first) or ``"opponents"`` (most negative first). Steps are 0-based
+indices on the result's last axis; the explorer shows them as iterations ``t = step + 1``.
+
+Everything a slider move needs is precomputed here with one ``torch.topk`` and one sort per view, so the
+widget and the static page only look things up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sdi.influence import InfluenceResult
+
+SIGNS = ("proponents", "opponents")
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """The top-k training examples of one (view, query, step, sign), strongest first.
+
+    indices:    (k,) training-example indices
+    scores:     (k,) their SDI_t
+    prev_ranks: (k,) 1-based rank among all N at the previous iteration (same sign); 0 at the first iteration
+    """
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    prev_ranks: torch.Tensor
+
+    @property
+    def movement(self) -> torch.Tensor:
+        """(k,) places gained since the previous iteration (positive = moved up); 0 at the first iteration."""
+        ranks = torch.arange(1, len(self.indices) + 1)
+        return torch.where(self.prev_ranks > 0, self.prev_ranks - ranks, torch.zeros_like(ranks))
+
+
+def load_result(result: InfluenceResult | str | os.PathLike) -> InfluenceResult:
+    """An :class:`~sdi.InfluenceResult`, or one read from a ``.npz`` written by ``InfluenceResult.save``."""
+    if isinstance(result, InfluenceResult):
+        return result
+    if isinstance(result, (str, os.PathLike)):
+        return InfluenceResult.load(Path(result))
+    raise TypeError(f"result must be an sdi.InfluenceResult or the path of a saved one (.npz), "
+                    f"got {type(result).__name__}")
+
+
+class ExplorerData:
+    """Validated inputs plus precomputed rankings; shared by :class:`InfluenceExplorer` and the static page.
+
+    result:        an InfluenceResult (``sdi`` (N, Q, T)) or the path of a saved one
+    train_texts:   N readable training examples (e.g. prompts, or ``data.texts()``)
+    query_texts:   Q readable queries
+    k:             how many examples each ranking holds, ``1 <= k <= N``
+    train_labels:  optional N answers shown next to the training texts
+    flipped:       optional indices of training examples whose label was corrupted (they get a marker)
+    query_answers: optional (Q, T) nested list: the model's answer to each query after each iteration
+    query_truth:   optional Q right answers; with ``query_answers`` each answer is marked right or wrong
+    """
+
+    def __init__(
+        self,
+        result: InfluenceResult | str | os.PathLike,
+        train_texts: Sequence[str],
+        query_texts: Sequence[str],
+        k: int = 10,
+        *,
+        train_labels: Sequence[str] | None = None,
+        flipped: Sequence[int] | torch.Tensor | None = None,
+        query_answers: Sequence[Sequence[str]] | None = None,
+        query_truth: Sequence[str] | None = None,
+    ) -> None:
+        self.result = load_result(result)
+        sdi = _check_scores(self.result)
+        N, Q, T = sdi.shape
+        self.n_train, self.n_query, self.n_steps = N, Q, T
+        self.train_texts = _check_strings("train_texts", train_texts, N, "N_train (result.sdi.shape[0])")
+        self.query_texts = _check_strings("query_texts", query_texts, Q, "N_query (result.sdi.shape[1])")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+            raise ValueError(f"k must be an int in [1, N_train={N}], got {k!r}")
+        self.k = k
+        self.train_labels = (None if train_labels is None
+                             else _check_strings("train_labels", train_labels, N, "N_train"))
+        self.flipped = _check_flipped(flipped, N)
+        self.query_answers = _check_answers(query_answers, Q, T)
+        self.query_truth = None if query_truth is None else _check_strings("query_truth", query_truth, Q, "N_query")
+
+        self.view_names, views, tracins = _views(self.result, sdi)
+        self.n_views = len(views)
+        self._views = views          # each (N, Q, T)
+        self._tracin = tracins       # each (N, Q)
+        top = [_rank_view(v, k) for v in views]
+        self._top_idx = torch.stack([t[0] for t in top])    # (V, 2, Q, T, k)
+        self._top_val = torch.stack([t[1] for t in top])    # (V, 2, Q, T, k)
+        self._prev_rank = torch.stack([t[2] for t in top])  # (V, 2, Q, T, k)
+
+    # -- look-ups ------------------------------------------------------------------------------------
+    def ranking(self, view: int, query: int, step: int, sign: str) -> Ranking:
+        """The precomputed top-k of ``query`` at 0-based ``step`` in ``view`` for ``sign``."""
+        s = self.sign_index(sign)
+        return Ranking(self._top_idx[view, s, query, step], self._top_val[view, s, query, step],
+                       self._prev_rank[view, s, query, step])
+
+    def scores(self, view: int, query: int) -> torch.Tensor:
+        """(N, T) SDI_t of every training example on ``query`` in ``view``."""
+        return self._views[view][:, query]
+
+    def tracin(self, view: int, query: int) -> torch.Tensor:
+        """(N,) TracIn (the sum over iterations) of every training example on ``query`` in ``view``."""
+        return self._tracin[view][:, query]
+
+    def top_indices(self, view: int, query: int, sign: str) -> torch.Tensor:
+        """(T, k) the top-k indices at every step."""
+        return self._top_idx[view, self.sign_index(sign), query]
+
+    def prev_ranks(self, view: int, query: int, sign: str) -> torch.Tensor:
+        """(T, k) previous-iteration ranks of the top-k at every step (row 0 is all zeros)."""
+        return self._prev_rank[view, self.sign_index(sign), query]
+
+    def heat_rows(self, view: int, query: int, sign: str, max_rows: int = 24) -> list[int]:
+        """Training examples that reach the top-k at some iteration, in order of first appearance (at most ``max_rows``)."""
+        rows: dict[int, None] = {}
+        for i in self.top_indices(view, query, sign).reshape(-1).tolist():  # step-major, rank-minor
+            rows.setdefault(i, None)
+            if len(rows) == max_rows:
+                break
+        return list(rows)
+
+    def answer(self, query: int, step: int) -> str | None:
+        return None if self.query_answers is None else self.query_answers[query][step]
+
+    def is_right(self, query: int, step: int) -> bool | None:
+        """Whether the model's answer after iteration ``step + 1`` is right; None when unknown."""
+        if self.query_answers is None or self.query_truth is None:
+            return None
+        return self.query_answers[query][step] == self.query_truth[query]
+
+    def query_label(self, query: int) -> str:
+        """One line for the prompt picker: index, text, final answer and whether it is right."""
+        label = f"{query}: {self.query_texts[query]}"
+        if self.query_answers is not None:
+            final = self.query_answers[query][-1]
+            mark = {True: " ✓", False: " ✗", None: ""}[self.is_right(query, self.n_steps - 1)]
+            label += f"  → {final}{mark}"
+        return label
+
+    @staticmethod
+    def sign_index(sign: str) -> int:
+        if sign not in SIGNS:
+            raise ValueError(f"sign must be one of {SIGNS}, got {sign!r}")
+        return SIGNS.index(sign)
+
+
+# ---------------------------------------------------------------------------------------- precompute
+
+def _rank_view(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``scores`` (N, Q, T) -> top-k indices, values and previous-iteration ranks, each (2, Q, T, k).
+
+    The previous rank of an example is 1 + the number of examples strictly stronger at the previous
+    iteration (ties share a rank), found by binary search in one sorted copy of the scores.
+    """
+    N = scores.shape[0]
+    S = scores.permute(1, 2, 0).contiguous()              # (Q, T, N): rank along the last axis
+    ascending = S[:, :-1].sort(dim=-1).values             # (Q, T-1, N)
+    out_idx, out_val, out_prev = [], [], []
+    for sgn in (1.0, -1.0):
+        vals, idx = torch.topk(sgn * S, k, dim=-1)        # (Q, T, k)
+        prev = torch.zeros_like(idx)
+        if S.shape[1] > 1:
+            before = S[:, :-1].gather(-1, idx[:, 1:])     # the same examples' scores one iteration earlier
+            if sgn > 0:
+                stronger = N - torch.searchsorted(ascending, before, right=True)
+            else:
+                stronger = torch.searchsorted(ascending, before, right=False)
+            prev[:, 1:] = stronger + 1
+        out_idx.append(idx)
+        out_val.append(sgn * vals)
+        out_prev.append(prev)
+    return torch.stack(out_idx), torch.stack(out_val), torch.stack(out_prev)
+
+
+def _views(result: InfluenceResult, sdi: torch.Tensor) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """Names, SDI tensors (N, Q, T) and TracIn (N, Q) of the summed view and, when K > 1, of each checkpoint."""
+    names = ["all checkpoints"]
+    views = [sdi]
+    tracins = [_float(result.tracin, "result.tracin", sdi.shape[:2])]
+    per_ckpt = result.checkpoint_sdi
+    if per_ckpt is not None and per_ckpt.shape[0] > 1:
+        if tuple(per_ckpt.shape[1:]) != tuple(sdi.shape):
+            raise ValueError(f"result.checkpoint_sdi must have shape (K, {', '.join(map(str, sdi.shape))}), "
+                             f"got {tuple(per_ckpt.shape)}")
+        per_ckpt = _float(per_ckpt, "result.checkpoint_sdi", per_ckpt.shape)
+        etas = result.etas.tolist() if result.etas is not None and len(result.etas) == per_ckpt.shape[0] else None
+        for c in range(per_ckpt.shape[0]):
+            names.append(f"checkpoint {c + 1}" + (f" (η={etas[c]:.3g})" if etas else ""))
+            views.append(per_ckpt[c])
+            tracins.append(per_ckpt[c].sum(-1))
+    return names, views, tracins
+
+
+def _check_scores(result: InfluenceResult) -> torch.Tensor:
+    sdi = result.sdi
+    if not isinstance(sdi, torch.Tensor) or sdi.dim() != 3:
+        raise ValueError(f"result.sdi must be a (N_train, N_query, T) tensor, got "
+                         f"{tuple(sdi.shape) if isinstance(sdi, torch.Tensor) else type(sdi).__name__}")
+    if 0 in sdi.shape:
+        raise ValueError(f"the result is empty: result.sdi has shape {tuple(sdi.shape)} (N_train, N_query, T); "
+                         "the explorer needs at least one training example, query and iteration")
+    return _float(sdi, "result.sdi", sdi.shape)
+
+
+def _float(x: Any, name: str, shape: Sequence[int]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or tuple(x.shape) != tuple(shape):
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {got}")
+    x = x.detach().float().cpu()
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values; the explorer cannot rank them")
+    return x
+
+
+def _check_strings(name: str, values: Any, n: int, what: str) -> list[str]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}")
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} entries but the result has {what} = {n}")
+    bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+    if bad is not None:
+        raise TypeError(f"{name}[{bad}] must be a str, got {type(values[bad]).__name__}")
+    return list(values)
+
+
+def _check_flipped(flipped: Any, n: int) -> frozenset[int]:
+    if flipped is None:
+        return frozenset()
+    if isinstance(flipped, (str, bytes)):
+        raise TypeError(f"flipped must be a sequence of training indices, got {type(flipped).__name__}")
+    values = torch.as_tensor(flipped).reshape(-1) if not isinstance(flipped, torch.Tensor) else flipped.reshape(-1)
+    if values.numel() and (values.is_floating_point() or values.dtype == torch.bool):
+        raise TypeError(f"flipped must hold integer training indices, got dtype {values.dtype}")
+    out = frozenset(int(i) for i in values.tolist())
+    if out and not (min(out) >= 0 and max(out) < n):
+        raise ValueError(f"flipped indices must lie in [0, N_train={n}), got {min(out)}..{max(out)}")
+    return out
+
+
+def _check_answers(answers: Any, Q: int, T: int) -> list[list[str]] | None:
+    if answers is None:
+        return None
+    expect = (f"query_answers must be N_query={Q} lists of T={T} strings (the answer after each iteration; "
+              "compute them with the iteration count the result was computed with)")
+    if isinstance(answers, (str, bytes)) or not isinstance(answers, Sequence) or len(answers) != Q:
+        got = len(answers) if isinstance(answers, Sequence) and not isinstance(answers, str) else type(answers).__name__
+        raise ValueError(f"{expect}, got {got}")
+    out = []
+    for q, row in enumerate(answers):
+        if isinstance(row, str) or not isinstance(row, Sequence) or len(row) != T:
+            raise ValueError(f"{expect}; query_answers[{q}] is "
+                             f"{len(row) if isinstance(row, Sequence) and not isinstance(row, str) else repr(row)}")
+        if not all(isinstance(a, str) for a in row):
+            raise TypeError(f"query_answers[{q}] must hold strings")
+        out.append(list(row))
+    return out

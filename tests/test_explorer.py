@@ -1,0 +1,346 @@
+"""InfluenceExplorer and its data: the displayed rankings are exactly those of the result; bad input is refused.
+
+The expected rankings come straight from the result with ``torch.topk`` (and, for rank movement, from a full
+sort), never from the explorer's own precomputation.
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import sdi
+from sdi import InfluenceResult, LoopedGPT, LoopedGPTConfig
+from sdi.tasks import parity
+from sdi_widgets import ExplorerData, InfluenceExplorer, explorer_inputs, render_html, write_html
+from sdi_widgets.static import page_data
+
+N, Q, T, K, TOP = 40, 5, 6, 3, 7
+
+
+def make_result(n=N, q=Q, t=T, k=K, seed=0) -> InfluenceResult:
+    """Random scores (no ties) with per-checkpoint shares that sum to ``sdi`` and TracIn = sum over steps."""
+    gen = torch.Generator().manual_seed(seed)
+    per_ckpt = torch.randn(k, n, q, t, generator=gen)
+    sdi_ = per_ckpt.sum(0)
+    return InfluenceResult(sdi=sdi_, train_sdi=torch.randn(n, q, 4, generator=gen), tracin=sdi_.sum(-1),
+                           etas=torch.linspace(1e-3, 1e-4, k), train_losses=torch.rand(k, n, generator=gen),
+                           query_losses=torch.rand(k, q, generator=gen), checkpoint_sdi=per_ckpt)
+
+
+TRAIN_TEXTS = [f"{i:06b}=" for i in range(N)]
+QUERY_TEXTS = [f"q{j}:{j * 7 % 10}1{j}" for j in range(Q)]
+ANSWERS = [[str((j + t) % 2) for t in range(T)] for j in range(Q)]
+TRUTH = ["1"] * Q
+FLIPPED = [3, 17]
+
+
+@pytest.fixture(scope="module")
+def result() -> InfluenceResult:
+    return make_result()
+
+
+@pytest.fixture()
+def explorer(result) -> InfluenceExplorer:
+    return InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP,
+                             train_labels=[str(i % 2) for i in range(N)], flipped=FLIPPED,
+                             query_answers=ANSWERS, query_truth=TRUTH)
+
+
+def shown(explorer) -> list[int]:
+    """Training indices in the displayed table, top to bottom."""
+    return [int(i) for i in re.findall(r'data-train-index="(\d+)"', explorer.table.value)]
+
+
+def shown_prev_ranks(explorer) -> list[int]:
+    return [int(i) for i in re.findall(r'data-prev-rank="(\d+)"', explorer.table.value)]
+
+
+def expected(scores: torch.Tensor, opponents: bool = False, k: int = TOP) -> list[int]:
+    """Top-k of a (N,) score vector, computed directly with torch.topk."""
+    return torch.topk(-scores if opponents else scores, k).indices.tolist()
+
+
+def oracle_rank(scores: torch.Tensor, i: int, opponents: bool) -> int:
+    """1-based position of ``i`` in a full sort of ``scores`` (strongest first)."""
+    order = torch.argsort(scores, descending=not opponents, stable=True).tolist()
+    return order.index(i) + 1
+
+
+# ------------------------------------------------------------------------------------- the widget
+
+def test_initial_display_is_first_iteration_proponents(explorer, result):
+    assert explorer.current == (0, 0, 0, "proponents")
+    assert shown(explorer) == expected(result.sdi[:, 0, 0])
+    assert shown_prev_ranks(explorer) == [0] * TOP  # no previous iteration at t = 1
+
+
+@pytest.mark.parametrize("t", range(1, T + 1))
+def test_slider_shows_topk_of_that_iteration(explorer, result, t):
+    explorer.query.value = 2
+    explorer.step.value = t
+    assert shown(explorer) == expected(result.sdi[:, 2, t - 1])
+    assert explorer.ranking().indices.tolist() == shown(explorer)
+    assert re.search(rf"at iteration t = {t}\b", explorer.table.value)
+
+
+@pytest.mark.parametrize("q", range(Q))
+def test_picker_shows_topk_of_that_query(explorer, result, q):
+    explorer.step.value = 4
+    explorer.query.value = q
+    assert shown(explorer) == expected(result.sdi[:, q, 3])
+    assert QUERY_TEXTS[q] in explorer.answers.value
+
+
+def test_sign_switch_shows_opponents(explorer, result):
+    explorer.query.value, explorer.step.value = 1, 3
+    explorer.sign.value = "opponents"
+    assert shown(explorer) == expected(result.sdi[:, 1, 2], opponents=True)
+    scores = [float(s) for s in re.findall(r"([+-]\d[\d.e+-]*)</td><td", explorer.table.value)]
+    assert scores and all(s < 0 for s in scores)
+    explorer.sign.value = "proponents"
+    assert shown(explorer) == expected(result.sdi[:, 1, 2])
+
+
+def test_checkpoint_selector_ranks_one_checkpoint(explorer, result):
+    assert explorer.checkpoint in explorer.children[0].children  # shown: the result kept K = 3 checkpoints
+    assert [v for _, v in explorer.checkpoint.options] == list(range(K + 1))
+    explorer.query.value, explorer.step.value = 3, 5
+    for c in range(K):
+        explorer.checkpoint.value = c + 1
+        assert shown(explorer) == expected(result.checkpoint_sdi[c, :, 3, 4])
+        tracin_cells = re.findall(r'color:#555">([+-][^<]+)</td></tr>', explorer.table.value)
+        want = result.checkpoint_sdi[c, shown(explorer), 3].sum(-1)
+        assert np.allclose([float(x) for x in tracin_cells], want.numpy(), rtol=6e-3, atol=1e-6)  # shown with 3 digits
+    explorer.checkpoint.value = 0
+    assert shown(explorer) == expected(result.sdi[:, 3, 4])
+
+
+def test_no_checkpoint_selector_for_one_checkpoint():
+    res = make_result(k=1)
+    ex = InfluenceExplorer(res, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=3)
+    assert ex.data.n_views == 1
+    assert ex.checkpoint not in ex.children[0].children
+
+
+def test_rank_movement_matches_full_sort(result):
+    data = ExplorerData(result, TRAIN_TEXTS, QUERY_TEXTS, k=TOP)
+    for view, per_view in enumerate([result.sdi] + list(result.checkpoint_sdi)):
+        for q in range(Q):
+            for t in range(1, T):
+                for sign in ("proponents", "opponents"):
+                    r = data.ranking(view, q, t, sign)
+                    before = per_view[:, q, t - 1]
+                    want = [oracle_rank(before, i, sign == "opponents") for i in r.indices.tolist()]
+                    assert r.prev_ranks.tolist() == want
+                    assert r.movement.tolist() == [w - (p + 1) for p, w in enumerate(want)]
+
+
+def test_rank_movement_arrows(explorer, result):
+    explorer.query.value, explorer.step.value = 0, 2
+    cells = re.findall(r'data-prev-rank="(\d+)"><td[^>]*>\d+</td><td[^>]*>(.*?)</td>', explorer.table.value)
+    assert len(cells) == TOP
+    for rank, (prev, cell) in enumerate(cells, start=1):
+        prev = int(prev)
+        assert prev == oracle_rank(result.sdi[:, 0, 0], shown(explorer)[rank - 1], False)
+        if prev > TOP:
+            assert "new" in cell and f"({prev})" in cell
+        elif prev > rank:
+            assert f"▲{prev - rank}" in cell
+        elif prev < rank:
+            assert f"▼{rank - prev}" in cell
+        else:
+            assert ">=<" in cell
+
+
+def test_filter_narrows_the_picker(explorer):
+    explorer.query.value = 0
+    explorer.filter.value = "q3:"
+    assert [q for _, q in explorer.query.options] == [3]
+    assert explorer.query.value == 3  # the shown query no longer matched: the first match is shown
+    explorer.filter.value = "no such prompt"
+    assert [q for _, q in explorer.query.options] == [3] and explorer.filter.description == "no match"
+    explorer.filter.value = ""
+    assert len(explorer.query.options) == Q and explorer.query.value == 3
+
+
+def test_answers_per_iteration_marked_right_or_wrong(explorer):
+    explorer.query.value, explorer.step.value = 1, 2
+    strip = explorer.answers.value
+    cells = re.findall(r'data-step="(\d+)"[^>]*border:([^;]+);.*?</small> (\d)(✓|✗)</span>', strip)
+    assert [int(c[0]) for c in cells] == list(range(1, T + 1))
+    for t, border, answer, mark in cells:
+        assert answer == ANSWERS[1][int(t) - 1]
+        assert mark == ("✓" if answer == TRUTH[1] else "✗")
+        assert ("2px" in border) == (int(t) == 2)  # the current iteration is outlined
+    label = dict((q, l) for l, q in explorer.query.options)[1]
+    assert label.endswith(f"→ {ANSWERS[1][-1]} {'✓' if ANSWERS[1][-1] == TRUTH[1] else '✗'}")
+
+
+def test_flipped_examples_are_marked(result):
+    flipped = expected(result.sdi[:, 0, 0])[:2]
+    ex = InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP, flipped=flipped)
+    rows = re.findall(r'<tr data-train-index="(\d+)".*?</tr>', ex.table.value)
+    bodies = re.split(r"<tr data-train-index=", ex.table.value)[1:]
+    assert len(rows) == TOP
+    for i, body in zip(rows, bodies):
+        assert ("⚑ flipped" in body) == (int(i) in flipped)
+
+
+def test_figure_changes_with_the_step(explorer):
+    first = explorer.plot.value
+    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    explorer.step.value = 4
+    assert explorer.plot.value[:8] == b"\x89PNG\r\n\x1a\n" and explorer.plot.value != first
+
+
+def test_heat_rows_in_order_of_first_appearance(result):
+    data = ExplorerData(result, TRAIN_TEXTS, QUERY_TEXTS, k=TOP)
+    want = []
+    for t in range(T):
+        for i in expected(result.sdi[:, 2, t], opponents=True):
+            if i not in want:
+                want.append(i)
+    assert data.heat_rows(0, 2, "opponents", max_rows=1000) == want
+    assert data.heat_rows(0, 2, "opponents", max_rows=5) == want[:5]
+
+
+def test_is_a_displayable_widget(explorer):
+    import ipywidgets
+
+    assert isinstance(explorer, ipywidgets.VBox)
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+
+
+def test_accepts_a_saved_result(result, tmp_path):
+    path = result.save(tmp_path / "res.npz")
+    ex = InfluenceExplorer(str(path), train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP)
+    ex.step.value = 3
+    assert shown(ex) == expected(result.sdi[:, 0, 2])
+
+
+# ------------------------------------------------------------------------------------ static export
+
+def embedded_json(page: str) -> dict:
+    payload = re.search(r'<script type="application/json" id="[^"]+">(.*?)</script>', page, re.S).group(1)
+    return json.loads(payload)
+
+
+def test_save_html_carries_current_state_and_exact_rankings(explorer, result, tmp_path):
+    explorer.query.value, explorer.step.value, explorer.sign.value, explorer.checkpoint.value = 4, 5, "opponents", 2
+    path = explorer.save_html(tmp_path / "sub" / "explorer.html")
+    page = path.read_text(encoding="utf-8")
+    d = embedded_json(page)
+    assert d["initial"] == {"view": 2, "query": 4, "step": 4, "sign": "opponents"}
+    assert (d["k"], d["T"], d["N"]) == (TOP, T, N) and len(d["views"]) == K + 1
+    for q in range(Q):
+        for t in range(T):
+            assert d["data"][0][q]["top"]["proponents"][t] == expected(result.sdi[:, q, t])
+            assert d["data"][2][q]["top"]["opponents"][t] == expected(result.checkpoint_sdi[1, :, q, t], opponents=True)
+    view = d["data"][0][1]
+    for row, i in enumerate(view["rows"]):
+        assert np.allclose(view["sdi"][row], result.sdi[i, 1].numpy(), rtol=1e-3)
+        assert view["tracin"][row] == pytest.approx(float(result.tracin[i, 1]), rel=1e-3)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing is fetched
+    assert not list(tmp_path.glob("sub/*.tmp"))
+
+
+def test_page_data_is_compact():
+    res = make_result(n=3000, q=2, t=4, k=1)
+    texts = [f"example {i}" for i in range(3000)]
+    d = page_data(ExplorerData(res, texts, ["a", "b"], k=5))
+    assert len(d["train"]["index"]) <= 2 * 2 * 4 * 5  # only examples that reach some top-k
+    assert all(len(f"{abs(x):e}".split("e")[0].rstrip("0").replace(".", "")) <= 4
+               for x in d["data"][0][0]["sdi"][0] if x)
+
+
+def test_html_escapes_texts_and_json(result, tmp_path):
+    nasty = [f"</script><b>{i}&amp;" for i in range(N)]
+    path = write_html(result, nasty, QUERY_TEXTS, tmp_path / "x.html", k=3)
+    page = path.read_text(encoding="utf-8")
+    assert "</script><b>" not in page
+    assert embedded_json(page)["train"]["text"][0].startswith("</script><b>")
+    fragment = render_html(ExplorerData(result, nasty, QUERY_TEXTS, k=3), full_page=False)
+    assert not fragment.lstrip().startswith("<!DOCTYPE") and 'class="sdix"' in fragment
+
+
+# -------------------------------------------------------------------------------------- bad inputs
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(train_texts=TRAIN_TEXTS[:-1]), ValueError, r"train_texts has 39 entries but the result has N_train"),
+    (dict(query_texts=QUERY_TEXTS + ["extra"]), ValueError, r"query_texts has 6 entries .* N_query"),
+    (dict(train_texts="0101"), TypeError, r"train_texts must be a list of strings"),
+    (dict(train_texts=list(range(N))), TypeError, r"train_texts\[0\] must be a str"),
+    (dict(k=N + 1), ValueError, r"k must be an int in \[1, N_train=40\]"),
+    (dict(k=0), ValueError, r"k must be an int in \[1, N_train=40\]"),
+    (dict(k=2.0), ValueError, r"k must be an int"),
+    (dict(k=True), ValueError, r"k must be an int"),
+    (dict(flipped=[N]), ValueError, r"flipped indices must lie in \[0, N_train=40\)"),
+    (dict(flipped=[0.5]), TypeError, r"flipped must hold integer"),
+    (dict(query_answers=[["1"] * T] * (Q - 1)), ValueError, r"query_answers must be N_query=5 lists of T=6"),
+    (dict(query_answers=[["1"] * (T - 1)] * Q), ValueError, r"query_answers\[0\] is 5"),
+    (dict(query_truth=["1"] * (Q + 1)), ValueError, r"query_truth has 6 entries"),
+    (dict(train_labels=["1"] * 3), ValueError, r"train_labels has 3 entries"),
+])
+def test_bad_inputs_give_clear_errors(result, change, error, match):
+    kwargs = dict(train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP, **{})
+    kwargs.update(change)
+    with pytest.raises(error, match=match):
+        InfluenceExplorer(result, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(0, Q, T), (N, 0, T), (N, Q, 0)])
+def test_empty_result_is_refused(shape):
+    n, q, t = shape
+    res = InfluenceResult(sdi=torch.zeros(shape), train_sdi=torch.zeros(n, q, 1), tracin=torch.zeros(n, q),
+                          etas=torch.ones(1), train_losses=torch.zeros(1, n), query_losses=torch.zeros(1, q))
+    with pytest.raises(ValueError, match="the result is empty"):
+        InfluenceExplorer(res, train_texts=["x"] * n, query_texts=["y"] * q, k=1)
+
+
+def test_wrong_result_types_and_values(result, tmp_path):
+    with pytest.raises(TypeError, match="result must be an sdi.InfluenceResult or the path"):
+        InfluenceExplorer({"sdi": result.sdi}, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS)
+    with pytest.raises(TypeError, match="result must be an sdi.InfluenceResult"):
+        InfluenceExplorer(result.sdi, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS)
+    with pytest.raises(FileNotFoundError, match="result file not found"):
+        InfluenceExplorer(tmp_path / "missing.npz", train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS)
+    bad = make_result()
+    bad.sdi[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="result.sdi contains NaN"):
+        InfluenceExplorer(bad, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS)
+    bad = make_result()
+    bad.tracin = bad.tracin[:-1]
+    with pytest.raises(ValueError, match=r"result.tracin must be a tensor of shape \(40, 5\)"):
+        InfluenceExplorer(bad, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS)
+    with pytest.raises(ValueError, match="sign must be one of"):
+        ExplorerData(result, TRAIN_TEXTS, QUERY_TEXTS, k=3).ranking(0, 0, 0, "positive")
+
+
+# ------------------------------------------------------------------------------ explorer_inputs
+
+def test_explorer_inputs_from_a_looped_model():
+    train, queries = parity(12, n_bits=4, seed=0), parity(3, n_bits=4, seed=1)
+    train = train.flip_labels(indices=[2, 5])
+    model = LoopedGPT(LoopedGPTConfig(vocab_size=train.tokenizer.vocab_size, block_size=train.seq_len,
+                                      d_model=16, n_heads=2, n_loops=2), seed=0)
+    inputs = explorer_inputs(model, train, queries, n_loops=3)
+    assert inputs["train_texts"] == [e.prompt for e in train.examples]
+    assert inputs["train_labels"] == [e.answer for e in train.examples] and inputs["flipped"] == [2, 5]
+    assert inputs["query_truth"] == [e.answer for e in queries.examples]
+    # independent check: the logit-lens argmax at the answer position after every iteration
+    with torch.no_grad():
+        step_logits = model(queries.tokens, n_loops=3, return_steps=True).step_logits  # (3, Q, L, V)
+    pos = queries.seq_len - 1  # parity's one-symbol answer is predicted at the last input position
+    want = [[queries.tokenizer.symbols[int(step_logits[t, j, pos].argmax())] for t in range(3)] for j in range(3)]
+    assert inputs["query_answers"] == want
+    res = make_result(n=12, q=3, t=3, k=1)
+    ex = InfluenceExplorer(res, k=4, **inputs)
+    assert ex.data.query_answers == want
+    with pytest.raises(ValueError, match=r"query_answers must be N_query=3 lists of T=5 .*query_answers\[0\] is 3"):
+        InfluenceExplorer(make_result(n=12, q=3, t=5, k=1), k=4, **inputs)  # answers for 3 loops, result for 5
+    with pytest.raises(TypeError, match="train_data must be an sdi.tasks.TaskDataset"):
+        explorer_inputs(model, train.texts(), queries)
