@@ -199,8 +199,9 @@ def featurize_run(args: argparse.Namespace) -> Path:
             dist.destroy_process_group()
     if os.environ.get("RANK", "0") == "0":
         s = st.stats
+        who = f" by rank 0 of {os.environ['WORLD_SIZE']}" if distributed else ""
         print(f"featurized {st.n} examples x {st.n_checkpoints} checkpoints (T={st.n_steps}, D={st.dim}, {st.dtype}) "
-              f"into {store_dir} in {seconds:.1f} s: {s.computed} chunk(s) computed, {s.reused} reused"
+              f"into {store_dir} in {seconds:.1f} s: {s.computed} chunk(s) computed{who}, {s.reused} reused"
               + (f", {len(s.repaired)} repaired" if s.repaired else ""))
     return store_dir
 
