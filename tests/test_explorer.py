@@ -42,11 +42,20 @@ def result() -> InfluenceResult:
     return make_result()
 
 
-@pytest.fixture()
-def explorer(result) -> InfluenceExplorer:
+@pytest.fixture(scope="module")
+def shared_explorer(result) -> InfluenceExplorer:
     return InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP,
                              train_labels=[str(i % 2) for i in range(N)], flipped=FLIPPED,
                              query_answers=ANSWERS, query_truth=TRUTH)
+
+
+@pytest.fixture()
+def explorer(shared_explorer) -> InfluenceExplorer:
+    """One explorer for the module (building one draws a figure), put back in its initial state per test."""
+    ex = shared_explorer
+    ex.filter.value = ""
+    ex.query.value, ex.step.value, ex.sign.value, ex.checkpoint.value = 0, 1, "proponents", 0
+    return ex
 
 
 def shown(explorer) -> list[int]:

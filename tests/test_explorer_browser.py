@@ -1,0 +1,173 @@
+"""The static explorer in a real browser: headless Debian chromium driven by playwright.
+
+Needs ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``). The page
+is served from 127.0.0.1 (and opened from file://); any request to another host is aborted and recorded, and
+the test fails on it, as on any console error.
+"""
+
+import functools
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdi import InfluenceResult
+from sdi_widgets import write_html
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+N, Q, T, K, TOP = 60, 4, 5, 2, 6
+TRAIN_TEXTS = [f"{i:07b}=" for i in range(N)]
+TRAIN_LABELS = [str(f"{i:07b}".count("1") % 2) for i in range(N)]
+QUERY_TEXTS = [f"{(37 * j) % 128:07b}=" for j in range(Q)]
+ANSWERS = [["0", "1", "1", "0", "1"][: T] for _ in range(Q)]
+TRUTH = ["1", "0", "1", "1"]
+
+
+@pytest.fixture(scope="module")
+def result() -> InfluenceResult:
+    gen = torch.Generator().manual_seed(1)
+    per_ckpt = torch.randn(K, N, Q, T, generator=gen)
+    sdi = per_ckpt.sum(0)
+    return InfluenceResult(sdi=sdi, train_sdi=sdi.clone(), tracin=sdi.sum(-1), etas=torch.tensor([1e-3, 5e-4]),
+                           train_losses=torch.zeros(K, N), query_losses=torch.rand(K, Q, generator=gen),
+                           checkpoint_sdi=per_ckpt)
+
+
+@pytest.fixture(scope="module")
+def flipped(result) -> list[int]:
+    return torch.topk(result.sdi[:, 0, 0], 2).indices.tolist()  # visible at the start
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, result, flipped):
+    """The export in a folder served by http.server on 127.0.0.1 (port chosen by the OS)."""
+    root = tmp_path_factory.mktemp("site")
+    write_html(result, TRAIN_TEXTS, QUERY_TEXTS, root / "explorer.html", k=TOP, train_labels=TRAIN_LABELS,
+               flipped=flipped, query_answers=ANSWERS, query_truth=TRUTH)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "the browser tests need Debian's chromium: apt-get install -y chromium"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        yield b
+        b.close()
+
+
+class Guarded:
+    """A page whose requests are recorded, whose off-machine requests are aborted, whose console is watched."""
+
+    def __init__(self, browser, allowed_prefix: str):
+        self.context = browser.new_context(viewport={"width": 1150, "height": 760})
+        self.page = self.context.new_page()
+        self.requests, self.blocked, self.errors = [], [], []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+
+        def route(r):
+            if r.request.url.startswith(allowed_prefix):
+                r.continue_()
+            else:
+                self.blocked.append(r.request.url)
+                r.abort()
+
+        self.page.route("**/*", route)
+
+    def shown(self) -> list[int]:
+        return [int(x) for x in self.page.locator("[data-role=table] tr[data-train-index]").evaluate_all(
+            "rows => rows.map(r => r.dataset.trainIndex)")]
+
+    def prev_ranks(self) -> list[int]:
+        return [int(x) for x in self.page.locator("[data-role=table] tr[data-train-index]").evaluate_all(
+            "rows => rows.map(r => r.dataset.prevRank)")]
+
+    def state(self, key: str) -> str:
+        return self.page.locator(".sdix").get_attribute(f"data-{key}")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def topk(scores: torch.Tensor, opponents: bool = False) -> list[int]:
+    return torch.topk(-scores if opponents else scores, TOP).indices.tolist()
+
+
+def test_static_explorer_scrub_in_chromium(browser, site, result, flipped, tmp_path):
+    root, base = site
+    g = Guarded(browser, base)
+    try:
+        g.page.goto(f"{base}/explorer.html")
+        g.page.wait_for_selector("[data-role=table] tr[data-train-index]")
+        assert g.shown() == topk(result.sdi[:, 0, 0])
+        assert g.prev_ranks() == [0] * TOP
+        assert g.page.locator("[data-role=table] .flip").count() == 2  # both flipped examples are in view
+
+        g.page.locator("[data-role=step]").fill("3")  # move the slider to iteration 3
+        assert g.state("step") == "3"
+        assert g.shown() == topk(result.sdi[:, 0, 2])
+        before = result.sdi[:, 0, 1]
+        want_prev = [int((before > before[i]).sum()) + 1 for i in topk(result.sdi[:, 0, 2])]
+        assert g.prev_ranks() == want_prev
+
+        g.page.click("[data-role=sign][data-sign=opponents]")
+        assert g.shown() == topk(result.sdi[:, 0, 2], opponents=True)
+        g.page.select_option("[data-role=query]", "2")
+        assert g.state("query") == "2" and g.shown() == topk(result.sdi[:, 2, 2], opponents=True)
+        assert g.page.locator("[data-role=answers] .query").inner_text() == QUERY_TEXTS[2]
+        cells = g.page.locator("[data-role=answers] .cell")
+        assert cells.count() == T and "current" in cells.nth(2).get_attribute("class")
+        assert g.page.locator("[data-role=trajectory] polyline").count() == TOP
+        assert g.page.locator("[data-role=heatmap] rect[data-role=current-step]").count() == 1
+
+        g.page.select_option("[data-role=view]", "2")  # the second checkpoint on its own
+        assert g.shown() == topk(result.checkpoint_sdi[1, :, 2, 2], opponents=True)
+
+        g.page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        assert (tmp_path / "explorer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert g.blocked == [] and all(u.startswith(base) for u in g.requests), g.requests
+        assert g.errors == []
+    finally:
+        g.close()
+
+
+def test_static_explorer_filter_and_play_from_file_url(browser, site, result):
+    root, _ = site
+    g = Guarded(browser, "file://")
+    try:
+        g.page.goto((root / "explorer.html").as_uri())
+        g.page.wait_for_selector("[data-role=table] tr[data-train-index]")
+        g.page.fill("[data-role=filter]", QUERY_TEXTS[3][:7])
+        options = g.page.locator("[data-role=query] option").evaluate_all("os => os.map(o => o.value)")
+        assert options == ["3"]
+        assert g.state("query") == "3" and g.shown() == topk(result.sdi[:, 3, 0])
+
+        g.page.click("[data-role=play]")  # animate through every iteration; it stops at the last one
+        g.page.wait_for_function("document.querySelector('.sdix').dataset.step === '%d'" % T, timeout=15_000)
+        g.page.wait_for_function("document.querySelector('[data-role=play]').textContent.includes('play')",
+                                 timeout=5_000)
+        assert g.shown() == topk(result.sdi[:, 3, T - 1])
+        assert g.page.locator("[data-role=step]").input_value() == str(T)
+        assert g.blocked == [] and all(u.startswith("file://") for u in g.requests), g.requests
+        assert g.errors == []
+    finally:
+        g.close()
