@@ -31,6 +31,7 @@ from . import store as fstore
 from . import tasks
 from .influence import InfluenceResult, StepInfluence
 from .model import LoopedGPT, LoopedGPTConfig
+from .sketch import DEFAULT_SKETCH_DIM
 from .tasks import TaskDataset
 from .train import Checkpoint, TrainConfig, train
 
@@ -39,7 +40,8 @@ RUN_FORMAT = "sdi-run"
 TASKS = {"parity": tasks.parity, "addition": tasks.addition, "variable_chains": tasks.variable_chains}
 DEFAULT_TASK_ARGS = {"parity": {"n_bits": 6, "curriculum": True}, "addition": {"n_digits": 2},
                      "variable_chains": {"n_statements": 6, "max_hops": 3}}
-TRAIN_ONLY_ARGS = {"curriculum"}  # generator arguments that shape the training distribution, not the queries
+TRAIN_ONLY_ARGS = {"curriculum"}
+DEMO_SKETCH_DIM = 4096  # the demo model has ~12.7k loop parameters: a narrower sketch keeps its store small  # generator arguments that shape the training distribution, not the queries
 
 
 class CLIError(Exception):
@@ -185,12 +187,13 @@ def featurize_run(args: argparse.Namespace) -> Path:
     store_dir = Path(args.store) if args.store else run.path / "store"
     device = _device(args.device)
     distributed = _init_distributed(device)
+    sketch_dim = None if args.exact else args.sketch_dim
     try:
-        attr = _attribution(run, args.sketch_dim, args.sketch_seed, device)
+        attr = _attribution(run, sketch_dim, args.sketch_seed, device)
         start = time.perf_counter()
         st = fstore.featurize(store_dir, attr, run.train_data, run.checkpoints, chunk_size=args.chunk_size,
                               batch_size=args.batch_size, dtype=args.dtype, progress=not args.quiet,
-                              meta={"sketch_dim": args.sketch_dim, "sketch_seed": args.sketch_seed})
+                              meta={"sketch_dim": sketch_dim, "sketch_seed": args.sketch_seed})
         seconds = time.perf_counter() - start
     finally:
         if distributed:
@@ -218,7 +221,7 @@ def influence_run(args: argparse.Namespace) -> Path:
     out = Path(args.out) if args.out else run.path / "influence.npz"
     Q, Tq = len(queries[0]), queries[0].n_steps
     full = args.top_k is None and st.n * Q * Tq * (st.n_checkpoints + 2) <= args.max_elements
-    texts = {**explorer_inputs(run, attr.model, args.query_loops), "task": run.spec["task"], "run": str(run.path),
+    texts = {**explorer_inputs(run, args.query_loops), "task": run.spec["task"], "run": str(run.path),
              "query_loops": args.query_loops}
     if full:
         res = st.influence(queries, progress=not args.quiet)
@@ -234,19 +237,13 @@ def influence_run(args: argparse.Namespace) -> Path:
     return out
 
 
-def explorer_inputs(run: Run, model: torch.nn.Module, query_loops: int | None) -> dict[str, Any]:
-    """Texts, labels and the per-iteration answers of the final checkpoint: what the explorer shows next to scores."""
+def explorer_inputs(run: Run, query_loops: int | None) -> dict[str, Any]:
+    """Texts, labels and the final checkpoint's answer after every iteration, for the explorer (CPU, forward only)."""
+    from sdi_widgets import explorer_inputs as inputs
+
+    model = LoopedGPT(LoopedGPTConfig(**run.spec["model"]), seed=None)
     model.load_state_dict(run.checkpoints[-1].load_state_dict())
-    per_step = tasks.predict(model, run.query_data, n_loops=query_loops, per_step=True).cpu()  # (T, Q, A)
-    answers = tasks.decode_answers(run.query_data, per_step)                                 # T x Q strings
-    return {
-        "train_texts": [e.prompt for e in run.train_data.examples],
-        "train_labels": [e.answer for e in run.train_data.examples],
-        "flipped": run.train_data.flipped.tolist(),
-        "query_texts": [e.prompt for e in run.query_data.examples],
-        "query_truth": [e.answer for e in run.query_data.examples],
-        "query_answers": [list(row) for row in zip(*answers)],                             # Q x T
-    }
+    return inputs(model, run.train_data, run.query_data, n_loops=query_loops)
 
 
 def explore_result(args: argparse.Namespace) -> Path:
@@ -279,7 +276,7 @@ def demo(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     args.overwrite = True
     train_run(args)
-    ns = argparse.Namespace(run=out, store=None, device=args.device, sketch_dim=args.sketch_dim,
+    ns = argparse.Namespace(run=out, store=None, device=args.device, sketch_dim=args.sketch_dim, exact=args.exact,
                             sketch_seed=args.sketch_seed, chunk_size=args.chunk_size, batch_size=args.batch_size_features,
                             dtype=args.dtype, quiet=args.quiet, query_loops=args.query_loops, out=None, top_k=None,
                             max_elements=args.max_elements)
@@ -320,10 +317,13 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
 
 
-def _featurize_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+def _featurize_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size",
+                       sketch_dim: int = DEFAULT_SKETCH_DIM) -> None:
     g = p.add_argument_group("features")
-    g.add_argument("--sketch-dim", type=int, default=None,
-                   help="sketch width m per example and step (default: exact per-example gradients)")
+    g.add_argument("--sketch-dim", type=int, default=sketch_dim,
+                   help=f"TensorSketch width m per example and step (default {sketch_dim})")
+    g.add_argument("--exact", action="store_true",
+                   help="store exact per-example gradients (P floats per example and step) instead of sketches")
     g.add_argument("--sketch-seed", type=int, default=0, help="seed of the sketch")
     g.add_argument("--chunk-size", type=int, default=256, help="examples per chunk file (default 256)")
     g.add_argument(batch_flag, type=int, default=64, dest="batch_size" if batch_flag == "--batch-size"
@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The whole pipeline on the default parity task, in a few minutes on a CPU.")
     p.add_argument("--out", default="sdi-demo", help="run directory (default ./sdi-demo; replaced)")
     _train_options(p)
-    _featurize_options(p, batch_flag="--feature-batch-size")
+    _featurize_options(p, batch_flag="--feature-batch-size", sketch_dim=DEMO_SKETCH_DIM)
     _influence_options(p)
     p.set_defaults(func=demo)
     return parser

@@ -16,6 +16,7 @@ from sdi import store as S
 from sdi.tasks import loss_fn, parity
 
 N_TRAIN, N_QUERY, CHUNK, BATCH = 40, 5, 16, 8   # 3 chunks, the last one short
+SKETCH_DIM = 256                                  # TensorSketch width m (the default path); exact in one test
 
 
 def tiny_model(d_model: int = 16) -> sdi.LoopedGPT:
@@ -24,13 +25,13 @@ def tiny_model(d_model: int = 16) -> sdi.LoopedGPT:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny parity model with 2 checkpoints on disk, its data, and one float32 store."""
+    """A tiny parity model with 2 checkpoints on disk, its data, and one float32 store of sketched features."""
     root = tmp_path_factory.mktemp("store")
     train, query = parity(N_TRAIN, n_bits=6, seed=0, distinct=True), parity(N_QUERY, n_bits=6, seed=1)
     model = tiny_model()
     run = sdi.train.train(model, train, sdi.TrainConfig(steps=20, n_checkpoints=2, warmup_steps=2, lr=1e-2),
                           checkpoint_dir=root / "ckpts", progress=False)
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=SKETCH_DIM, progress=False)
     st = S.featurize(root / "f32", attr, train, run.checkpoints, chunk_size=CHUNK, batch_size=BATCH, progress=False)
     queries = S.query_features(attr, run.checkpoints, query.batches(N_QUERY), store=st)
     return {"root": root, "train": train, "query": query, "model": model, "attr": attr, "ckpts": run.checkpoints,
@@ -55,7 +56,7 @@ def test_manifest_and_chunks(setup):
     assert m["model"] == S.model_fingerprint(setup["model"])
     assert m["featurizer"] == json.loads(json.dumps(attr.fingerprint()))
     assert (m["n"], m["chunk_size"], m["n_chunks"], m["dtype"], m["n_steps"]) == (N_TRAIN, CHUNK, 3, "float32", 3)
-    assert m["feature_shape"] == [attr.n_params]
+    assert m["feature_shape"] == [SKETCH_DIM] and m["featurizer"]["sketch_dim"] == SKETCH_DIM
     for k, c in enumerate(setup["ckpts"]):
         assert m["checkpoints"][k]["eta"] == c.lr and m["checkpoints"][k]["step"] == c.step
         assert m["checkpoints"][k]["sha256"] == S.weights_digest(c.load_state_dict())
@@ -71,9 +72,9 @@ def test_manifest_and_chunks(setup):
         assert torch.equal(st.losses(k), direct.losses)
         for i in range(3):
             rec = m["chunks"][k][i]
-            assert rec["rows"] == list(rows[i]) and rec["shape"] == [rows[i][1] - rows[i][0], 3, attr.n_params]
+            assert rec["rows"] == list(rows[i]) and rec["shape"] == [rows[i][1] - rows[i][0], 3, SKETCH_DIM]
             assert rec["features_crc32"] == zlib.crc32(S.features_path(st.root, k, i).read_bytes())
-    assert st.nbytes == 2 * N_TRAIN * 3 * attr.n_params * 4
+    assert st.nbytes == 2 * N_TRAIN * 3 * SKETCH_DIM * 4
     assert st.verify() == []
 
 
@@ -101,6 +102,21 @@ def test_store_influence_matches_in_memory_influence(setup):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.abs().max()), msg=name)
     assert res.conservation_error() < 1e-5
     assert isinstance(res, sdi.InfluenceResult) and res.meta["fingerprint"] == st.fingerprint
+
+
+def test_exact_features_store_just_as_well(setup, tmp_path):
+    """The store does not care which featurizer made D: exact per-example gradients (D = P) go through unchanged."""
+    model, ckpts = setup["model"], setup["ckpts"]
+    exact = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    st = S.featurize(tmp_path / "exact", exact, setup["train"], ckpts, chunk_size=CHUNK, batch_size=BATCH,
+                     progress=False)
+    assert st.feature_shape == (exact.n_params,) and st.fingerprint["kind"] == "exact"
+    res = st.influence(S.query_features(exact, ckpts, setup["query"].batches(N_QUERY), store=st), progress=False)
+    ref = exact.influence(setup["train"].batches(BATCH), setup["query"].batches(N_QUERY),
+                          checkpoints=[(c.path, c.lr) for c in ckpts])
+    torch.testing.assert_close(res.sdi, ref.sdi, rtol=1e-5, atol=1e-6 * float(ref.sdi.abs().max()))
+    with pytest.raises(S.StoreMismatchError, match="featurizer/sketch"):
+        S.FeatureStore.open(setup["store"].root, attr=exact)
 
 
 def _stable_top(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,9 +205,13 @@ def test_mismatched_model_checkpoint_eta_and_featurizer_are_named(setup):
         S.FeatureStore.open(st.root, checkpoints=ckpts[:1])
 
     model = setup["model"]
+    for kw, differs in (({"seed": 1}, r"\['seed'\]"), ({"sketch_dim": 128}, r"\['sketch_dim'\]")):
+        other = sdi.StepInfluence(model, model.block, loss_fn, **{"sketch_dim": SKETCH_DIM, **kw}, progress=False)
+        with pytest.raises(S.StoreMismatchError, match="featurizer/sketch: differs in " + differs):
+            S.FeatureStore.open(st.root, attr=other)
     model.block.layers[0].ln1.weight.requires_grad_(False)   # a different parameter set: a different featurizer
     try:
-        other = sdi.StepInfluence(model, model.block, loss_fn, progress=False)
+        other = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=SKETCH_DIM, progress=False)
         with pytest.raises(S.StoreMismatchError, match=r"featurizer/sketch: differs in \['params'\]"):
             S.FeatureStore.open(st.root, attr=other)
         with pytest.raises(S.StoreMismatchError, match="featurizer/sketch"):
