@@ -20,7 +20,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def featurize(launcher: list[str], run: Path, store: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = launcher + ["-m", "sdi.cli", "featurize", str(run), "--store", str(store), "--chunk-size", "8",
-                      "--batch-size", "4", "--quiet", "--device", "cpu"]
+                      "--batch-size", "4", "--sketch-dim", "128", "--quiet", "--device", "cpu"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

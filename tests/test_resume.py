@@ -1,4 +1,4 @@
-"""A featurization killed with SIGKILL part-way resumes and yields a store bit-identical to an uninterrupted run."""
+"""A (sketched) featurization killed with SIGKILL part-way resumes and yields a store bit-identical to an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class SlowData:
         time.sleep(delay)
         return self.data.batch(index)
 
-attr = sdi.StepInfluence(run.model, run.model.block, sdi.tasks.loss_fn, progress=False)
+attr = sdi.StepInfluence(run.model, run.model.block, sdi.tasks.loss_fn, sketch_dim=128, progress=False)
 st = store.featurize(store_dir, attr, SlowData(run.train_data), run.checkpoints, chunk_size=%d, batch_size=4,
                      progress=False)
 print(json.dumps({"computed": st.stats.computed, "reused": st.stats.reused}))
