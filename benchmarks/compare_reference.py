@@ -23,6 +23,7 @@ Timings taken while other jobs share the CPU are noisy; the load average is reco
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -50,9 +51,29 @@ TOP_K = 10
 # ============================================================================================== worker side
 # Everything below until "driver side" runs inside one subprocess per method.
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+def process_peak_rss_mb() -> float:
+    """Peak resident set size of this process since it started, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb(field: str) -> float | None:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) from /proc/self/status, in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the ``VmHWM`` peak at the current RSS (Linux >= 4.0), so the peak measured is the method's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def sync(device: str) -> None:
@@ -161,8 +182,10 @@ def worker(method: str, m: int | None, workdir: Path, tag: str) -> None:
         import sdi  # noqa: F401  (imported before the baseline so it counts as baseline memory)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result: dict[str, Any] = {"method": method, "m": m, "python": sys.executable, "package": package_version(),
-                              "base_rss_mb": peak_rss_mb()}
+    result: dict[str, Any] = {"method": method, "m": m, "python": sys.executable, "package": package_version()}
+    gc.collect()
+    resettable = reset_peak_rss()
+    result["base_rss_mb"] = rss_mb("VmRSS") if resettable else process_peak_rss_mb()
     try:
         sync(device)
         start = time.perf_counter()
@@ -173,7 +196,9 @@ def worker(method: str, m: int | None, workdir: Path, tag: str) -> None:
             torch.save(sdi_tensor.detach().float().cpu(), workdir / f"sdi_{tag}.pt")
     except Exception as e:  # reported in the table; the other methods still run
         result.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    result["peak_rss_mb"] = peak_rss_mb()
+    # peak during the method (model, data and libraries included); the whole process's peak as a fallback
+    result["peak_rss_mb"] = rss_mb("VmHWM") if resettable else process_peak_rss_mb()
+    result["process_peak_rss_mb"] = process_peak_rss_mb()
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     (workdir / f"result_{tag}.json").write_text(json.dumps(result))
@@ -192,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--task", choices=("chains", "parity", "addition"), default="chains")
     p.add_argument("--train-steps", type=int, default=100, help="AdamW steps that produce the checkpoints")
-    p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 4096, 16384],
+    p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384],
                    help="ours: total sketch width m (256..16384)")
     p.add_argument("--ref-m", type=int, nargs="*", default=[256, 1024],
                    help="reference: projection_size per parameter tensor (width = m x tensors)")
@@ -212,7 +237,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.tau, args.d_model, args.k, args.train_steps = 256, 4, 64, 2, 40
-        args.sketch_m, args.ref_m = [1024, 4096, 16384], [256, 1024]
+        args.sketch_m, args.ref_m = [1024, 2048, 4096, 8192, 16384], [256, 1024]
     for name in ("n_train", "n_query", "tau", "d_model", "k", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
