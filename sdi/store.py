@@ -61,6 +61,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 STORAGE_DTYPES: dict[str, np.dtype] = {
     "float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+TORCH_STORAGE: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class StoreError(ValueError):
@@ -695,17 +696,25 @@ class StreamTopK:
 
 def _merge_top(best_val: torch.Tensor | None, best_idx: torch.Tensor | None, val: torch.Tensor, idx: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep the ``k`` largest of (best, new) along the last axis; ties go to the earlier (lower) index.
+    """Keep the ``k`` largest of (best, new) along the last axis; ties go to the lower training index.
 
-    best_*: (..., k) sorted, from earlier chunks (all indices lower than ``idx``); val: (..., C); idx: (C,).
-    A stable descending sort of [best, new] keeps equal scores in index order, which is what makes the
-    streaming result equal to one stable sort of all N scores.
+    best_*: (R, k) sorted, from earlier chunks (all their indices are lower than ``idx``); val: (R, C); idx: (C,).
+    Only the new scores ``>=`` each row's k-th largest can enter (all tied ones included, in index order);
+    a stable descending sort of [best, candidates] then keeps equal scores in index order. The result equals
+    one stable sort of all N scores, exactly.
     """
-    idx = idx.expand(val.shape)
+    R, C = val.shape
+    kth = val.topk(min(k, C), dim=-1).values[:, -1:]                   # (R, 1)
+    rows, cols = (val >= kth).nonzero(as_tuple=True)                   # row-major: index order within a row
+    counts = torch.bincount(rows, minlength=R)
+    slot = torch.arange(len(rows)) - (torch.cumsum(counts, 0) - counts)[rows]
+    cand_val = torch.full((R, int(counts.max())), -torch.inf, dtype=val.dtype)
+    cand_idx = torch.full((R, int(counts.max())), -1, dtype=torch.long)
+    cand_val[rows, slot], cand_idx[rows, slot] = val[rows, cols], idx[cols]
     if best_val is not None:
-        val, idx = torch.cat([best_val, val], -1), torch.cat([best_idx, idx], -1)
-    order = torch.sort(val, dim=-1, descending=True, stable=True).indices[..., :k]
-    return val.gather(-1, order), idx.gather(-1, order)
+        cand_val, cand_idx = torch.cat([best_val, cand_val], -1), torch.cat([best_idx, cand_idx], -1)
+    order = torch.sort(cand_val, dim=-1, descending=True, stable=True).indices[:, :k]
+    return cand_val.gather(-1, order), cand_idx.gather(-1, order)
 
 
 class FeatureStore:
@@ -718,6 +727,7 @@ class FeatureStore:
         self.root = Path(root)
         self.manifest = manifest
         self.stats: FeaturizeStats | None = None
+        self._buffer = bytearray()  # reused by every read: memory stays at one chunk
 
     @classmethod
     def open(cls, path: str | os.PathLike, attr: Any = None, checkpoints: Sequence[Any] | None = None) -> "FeatureStore":
@@ -777,33 +787,44 @@ class FeatureStore:
         """Chunk ``i`` of checkpoint ``k`` as a read-only memory map in the storage dtype (not verified)."""
         return np.load(features_path(self.root, k, i), mmap_mode="r", allow_pickle=False)
 
-    def read_chunk(self, k: int, i: int) -> torch.Tensor:
-        """Chunk ``i`` of checkpoint ``k`` as float32 (rows, T, D), its bytes checked against the CRC-32 first."""
+    def read_chunk(self, k: int, i: int, copy: bool = True) -> torch.Tensor:
+        """Chunk ``i`` of checkpoint ``k`` as float32 (rows, T, D), its bytes checked against the CRC-32 first.
+
+        With ``copy=False`` a float32 store returns a view of the store's read buffer, valid until the next read.
+        """
         rec = self.manifest["chunks"][k][i]
-        raw = self._read_checked(features_path(self.root, k, i), rec["features_crc32"])
-        arr = _npy_from_bytes(raw)
-        if list(arr.shape) != rec["shape"] or arr.dtype != STORAGE_DTYPES[self.dtype]:
-            raise CorruptChunkError(f"{features_path(self.root, k, i)} holds {arr.dtype} {arr.shape}, its record "
-                                    f"says {self.dtype} {rec['shape']}")
-        return from_storage(arr, self.dtype).reshape(arr.shape[0], self.n_steps, self.dim)
+        path = features_path(self.root, k, i)
+        raw = self._read_checked(path, rec["features_crc32"])
+        shape, np_dtype, offset = _npy_header(io.BytesIO(raw[: min(len(raw), 1 << 16)]))
+        if list(shape) != rec["shape"] or np_dtype != STORAGE_DTYPES[self.dtype]:
+            raise CorruptChunkError(f"{path} holds {np_dtype} {shape}, its record says {self.dtype} {rec['shape']}")
+        x = torch.frombuffer(raw, dtype=TORCH_STORAGE[self.dtype], count=int(np.prod(shape)), offset=offset)
+        x = x.float() if self.dtype != "float32" else (x.clone() if copy else x)
+        return x.view(shape[0], self.n_steps, self.dim)
 
     def losses(self, k: int) -> torch.Tensor:
         """(N,) per-example train losses at checkpoint ``k``."""
         parts = []
         for i, rec in enumerate(self.manifest["chunks"][k]):
             raw = self._read_checked(losses_path(self.root, k, i), rec["losses_crc32"])
-            parts.append(torch.from_numpy(_npy_from_bytes(raw).copy()))
+            parts.append(torch.from_numpy(_npy_from_bytes(bytes(raw)).copy()))
         return torch.cat(parts)
 
-    def _read_checked(self, path: Path, crc: int) -> bytes:
+    def _read_checked(self, path: Path, crc: int) -> memoryview:
+        """The file's bytes in the store's reusable read buffer (one chunk of memory), CRC-checked."""
         try:
-            raw = path.read_bytes()
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if len(self._buffer) < size:
+                    self._buffer = bytearray(size)
+                view = memoryview(self._buffer)[:size]
+                got = f.readinto(view)
         except FileNotFoundError:
             raise CorruptChunkError(f"chunk file {path} is missing; run the featurization again to recompute it") from None
-        if zlib.crc32(raw) != crc:
+        if got != size or zlib.crc32(view) != crc:
             raise CorruptChunkError(f"chunk file {path} is corrupted or truncated (CRC-32 mismatch); run the "
                                     "featurization again to recompute it")
-        return raw
+        return view
 
     def verify(self, progress: bool = False) -> list[str]:
         """Check every chunk file against its record; returns the problems found (empty when intact)."""
@@ -845,7 +866,7 @@ class FeatureStore:
             out[key] = value if out[key] is None else out[key] + value
 
         for k, (qf, qtot, eta) in enumerate(qs):
-            F = self.read_chunk(k, i)                          # (C, Tt, D)
+            F = self.read_chunk(k, i, copy=False)             # (C, Tt, D), valid until the next read
             Ftot = F.sum(1)                                    # (C, D)
             Q, Tq, D = qf.shape
             out["sdi"].append(eta * (Ftot @ qf.reshape(Q * Tq, D).T).view(-1, Q, Tq))
@@ -873,13 +894,15 @@ class FeatureStore:
                 sdi = sdi + part
             start, stop = self.rows(i)
             idx = torch.arange(start, stop)
-            for name, s in (("sdi", sdi.permute(1, 2, 0)), ("tracin", scores["tracin"].T)):  # (Q, Tq, C), (Q, C)
+            Q, Tq = sdi.shape[1:]
+            for name, s in (("sdi", sdi.permute(1, 2, 0).reshape(Q * Tq, -1)), ("tracin", scores["tracin"].T)):
                 best[name] = _merge_top(*best[name], s, idx, k)
-                v, j = _merge_top(*best[name + "_opp"], -s, idx, k)
-                best[name + "_opp"] = (v, j)
+                best[name + "_opp"] = _merge_top(*best[name + "_opp"], -s, idx, k)
+        Q, Tq, kk = len(queries[0]), queries[0].n_steps, min(k, self.n)
+        per_step = lambda t: t.reshape(Q, Tq, kk)  # noqa: E731
         return StreamTopK(
-            sdi_indices=best["sdi"][1], sdi_scores=best["sdi"][0],
-            sdi_opp_indices=best["sdi_opp"][1], sdi_opp_scores=-best["sdi_opp"][0],
+            sdi_indices=per_step(best["sdi"][1]), sdi_scores=per_step(best["sdi"][0]),
+            sdi_opp_indices=per_step(best["sdi_opp"][1]), sdi_opp_scores=per_step(-best["sdi_opp"][0]),
             tracin_indices=best["tracin"][1], tracin_scores=best["tracin"][0],
             tracin_opp_indices=best["tracin_opp"][1], tracin_opp_scores=-best["tracin_opp"][0],
             query_losses=torch.stack([q.losses.detach().cpu().float() for q in queries]),
