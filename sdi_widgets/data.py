@@ -5,8 +5,9 @@ A *view* is the sum over checkpoints (view 0, ``result.sdi``) or one checkpoint'
 ``"proponents"`` (largest positive SDI_t first) or ``"opponents"`` (most negative first). Steps are 0-based
 indices on the result's last axis; the explorer shows them as iterations ``t = step + 1``.
 
-Everything a slider move needs is precomputed here with one ``torch.topk`` and one sort per view, so the
-widget and the static page only look things up.
+The top-k of every (view, query, step, sign) is precomputed here with ``torch.topk`` over all of them at
+once; the previous-iteration ranks (rank movement) take one sort per (view, query), done when that query is
+first shown. A slider move only looks things up.
 """
 
 from __future__ import annotations
@@ -97,17 +98,17 @@ class ExplorerData:
         self.n_views = len(views)
         self._views = views          # each (N, Q, T)
         self._tracin = tracins       # each (N, Q)
-        top = [_rank_view(v, k) for v in views]
+        top = [_top_k(v, k) for v in views]
         self._top_idx = torch.stack([t[0] for t in top])    # (V, 2, Q, T, k)
         self._top_val = torch.stack([t[1] for t in top])    # (V, 2, Q, T, k)
-        self._prev_rank = torch.stack([t[2] for t in top])  # (V, 2, Q, T, k)
+        self._prev_rank: dict[tuple[int, int], torch.Tensor] = {}  # (view, query) -> (2, T, k), on first use
 
     # -- look-ups ------------------------------------------------------------------------------------
     def ranking(self, view: int, query: int, step: int, sign: str) -> Ranking:
         """The precomputed top-k of ``query`` at 0-based ``step`` in ``view`` for ``sign``."""
         s = self.sign_index(sign)
         return Ranking(self._top_idx[view, s, query, step], self._top_val[view, s, query, step],
-                       self._prev_rank[view, s, query, step])
+                       self._previous(view, query)[s, step])
 
     def scores(self, view: int, query: int) -> torch.Tensor:
         """(N, T) SDI_t of every training example on ``query`` in ``view``."""
@@ -123,7 +124,14 @@ class ExplorerData:
 
     def prev_ranks(self, view: int, query: int, sign: str) -> torch.Tensor:
         """(T, k) previous-iteration ranks of the top-k at every step (row 0 is all zeros)."""
-        return self._prev_rank[view, self.sign_index(sign), query]
+        return self._previous(view, query)[self.sign_index(sign)]
+
+    def _previous(self, view: int, query: int) -> torch.Tensor:
+        """(2, T, k) previous-iteration ranks of (view, query), computed on first use (one sort of (T, N))."""
+        key = (view, query)
+        if key not in self._prev_rank:
+            self._prev_rank[key] = _previous_ranks(self._views[view][:, query], self._top_idx[view, :, query])
+        return self._prev_rank[key]
 
     def heat_rows(self, view: int, query: int, sign: str, max_rows: int = 24) -> list[int]:
         """Training examples that reach the top-k at some iteration, in order of first appearance (at most ``max_rows``)."""
@@ -161,30 +169,34 @@ class ExplorerData:
 
 # ---------------------------------------------------------------------------------------- precompute
 
-def _rank_view(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``scores`` (N, Q, T) -> top-k indices, values and previous-iteration ranks, each (2, Q, T, k).
-
-    The previous rank of an example is 1 + the number of examples strictly stronger at the previous
-    iteration (ties share a rank), found by binary search in one sorted copy of the scores.
-    """
-    N = scores.shape[0]
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scores`` (N, Q, T) -> indices and values of the k strongest of each sign, each (2, Q, T, k)."""
     S = scores.permute(1, 2, 0).contiguous()              # (Q, T, N): rank along the last axis
-    ascending = S[:, :-1].sort(dim=-1).values             # (Q, T-1, N)
-    out_idx, out_val, out_prev = [], [], []
-    for sgn in (1.0, -1.0):
-        vals, idx = torch.topk(sgn * S, k, dim=-1)        # (Q, T, k)
-        prev = torch.zeros_like(idx)
-        if S.shape[1] > 1:
-            before = S[:, :-1].gather(-1, idx[:, 1:])     # the same examples' scores one iteration earlier
-            if sgn > 0:
-                stronger = N - torch.searchsorted(ascending, before, right=True)
-            else:
-                stronger = torch.searchsorted(ascending, before, right=False)
-            prev[:, 1:] = stronger + 1
-        out_idx.append(idx)
-        out_val.append(sgn * vals)
-        out_prev.append(prev)
-    return torch.stack(out_idx), torch.stack(out_val), torch.stack(out_prev)
+    pro_val, pro_idx = torch.topk(S, k, dim=-1)
+    opp_val, opp_idx = torch.topk(-S, k, dim=-1)
+    return torch.stack([pro_idx, opp_idx]), torch.stack([pro_val, -opp_val])
+
+
+def _previous_ranks(scores: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+    """``scores`` (N, T) of one query, ``top_idx`` (2, T, k) -> (2, T, k) ranks at the previous iteration.
+
+    The rank of an example is 1 + the number of examples strictly stronger (ties share a rank), found by
+    binary search in one sorted copy of the scores; row 0 (no previous iteration) is 0.
+    """
+    N, T = scores.shape
+    prev = torch.zeros_like(top_idx)
+    if T == 1:
+        return prev
+    before = scores.T[:-1].contiguous()                   # (T-1, N): iterations 1..T-1
+    ascending = before.sort(dim=-1).values
+    for s, idx in enumerate(top_idx):
+        values = before.gather(-1, idx[1:])               # the top-k of iteration t, one iteration earlier
+        if s == 0:   # proponents: stronger = larger
+            stronger = N - torch.searchsorted(ascending, values, right=True)
+        else:        # opponents: stronger = smaller
+            stronger = torch.searchsorted(ascending, values, right=False)
+        prev[s, 1:] = stronger + 1
+    return prev
 
 
 def _views(result: InfluenceResult, sdi: torch.Tensor) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:

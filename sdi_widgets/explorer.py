@@ -25,7 +25,7 @@ import torch
 from sdi.influence import InfluenceResult
 
 from .data import ExplorerData, Ranking
-from .figure import GREEN, RED, StepFigure, rank_colors
+from .figure import GREEN, RED, StepFigure, diverging_colors, rank_colors
 from .static import render_html, write_atomic
 
 MONO = "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace"
@@ -43,7 +43,7 @@ class InfluenceExplorer(widgets.VBox):
     Controls (public, so notebooks and tests can drive them): ``filter`` (Text), ``query`` (Dropdown of
     query indices), ``step`` (IntSlider over iterations ``t = 1..T``), ``play`` (Play), ``sign``
     (ToggleButtons: "proponents"/"opponents") and ``checkpoint`` (Dropdown of views; hidden unless the
-    result kept more than one checkpoint). Outputs: ``answers``, ``table`` (HTML) and ``plot`` (Image).
+    result kept more than one checkpoint). Outputs: ``answers``, ``table``, ``heatmap`` (HTML) and ``plot`` (Image).
     """
 
     def __init__(
@@ -79,13 +79,15 @@ class InfluenceExplorer(widgets.VBox):
         self.sign = widgets.ToggleButtons(options=[("▲ proponents", "proponents"), ("▼ opponents", "opponents")],
                                           value="proponents", style={"button_width": "110px"})
         self.answers = widgets.HTML()
-        self.table = widgets.HTML(layout=widgets.Layout(width="58%"))
-        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="42%", min_width="360px"))
+        self.table = widgets.HTML()
+        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="470px"))
+        self.heatmap = widgets.HTML(layout=widgets.Layout(width="470px"))
         self._figure = StepFigure(k, T)
 
         picker = widgets.HBox([self.filter, self.query] + ([self.checkpoint] if data.n_views > 1 else []))
         scrubber = widgets.HBox([self.play, self.step, self.sign])
-        body = widgets.HBox([self.table, self.plot], layout=widgets.Layout(align_items="flex-start"))
+        body = widgets.HBox([self.table, widgets.VBox([self.plot, self.heatmap])],
+                            layout=widgets.Layout(align_items="flex-start", grid_gap="12px"))
         super().__init__(children=[picker, self.answers, scrubber, body])
 
         self.filter.observe(self._on_filter, names="value")
@@ -140,15 +142,15 @@ class InfluenceExplorer(widgets.VBox):
 
     # -- rendering -----------------------------------------------------------------------------------
     def _render_query(self) -> None:
-        """Everything that depends on (view, query, sign) but not on the step: the figure background."""
+        """Everything that depends on (view, query, sign) but not on the step: figure background, heat-map cells."""
         view, query, _, sign = self.current
-        rows = self.data.heat_rows(view, query, sign, self.max_heat_rows)
         union = torch.unique(self.data.top_indices(view, query, sign)).tolist()
         scores = self.data.scores(view, query).numpy()
         tracin = self.data.tracin(view, query).numpy()
-        labels = [_short(self.data.train_texts[i], 14) for i in rows]
-        self._figure.set_query(scores, tracin, union, rows, labels, sign,
-                               f"SDI_t of the current top-{self.data.k}, query {query}")
+        self._figure.set_query(scores, tracin, union, sign, f"SDI$_t$ of the current top-{self.data.k}, query {query}",
+                               key=(view, query, sign))
+        rows = self.data.heat_rows(view, query, sign, self.max_heat_rows)
+        self._heat = HeatRows(rows, scores[rows], self.data)
 
     def _render_step(self) -> None:
         view, query, step, sign = self.current
@@ -158,7 +160,8 @@ class InfluenceExplorer(widgets.VBox):
         tracin = self.data.tracin(view, query)
         self.table.value = table_html(self.data, ranking, tracin[idx], sign, step)
         self.answers.value = answers_html(self.data, query, step)
-        self.plot.value = self._figure.frame(step, scores[idx].numpy(), tracin[idx].numpy(), idx.tolist())
+        self.heatmap.value = self._heat.html(step, set(idx.tolist()), sign)
+        self.plot.value = self._figure.frame(step, scores[idx].numpy(), tracin[idx].numpy())
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -236,6 +239,41 @@ def answers_html(data: ExplorerData, query: int, step: int) -> str:
                       f'{html.escape(data.query_answers[query][t])}{mark}</span>')
         cells = f'<div style="margin-top:2px"><span style="color:#555;font-size:11px">answer after each iteration: </span>{cells}</div>'
     return f'<div style="font-size:12px;margin:4px 0">{" · ".join(parts)}{cells}</div>'
+
+
+class HeatRows:
+    """The train-example x iteration heat map of one (view, query, sign) as HTML; cells are coloured once.
+
+    rows: training indices (the examples that reach the top-k, in order of first appearance);
+    values: (R, T) their SDI_t. Only the current-iteration outline and the top-k markers change per step.
+    """
+
+    def __init__(self, rows: Sequence[int], values: np.ndarray, data: ExplorerData) -> None:
+        self.rows = list(rows)
+        vmax = float(np.abs(values).max()) if values.size else 1.0
+        colors = diverging_colors(values, vmax)
+        self.cells = [[f'background:{c}" title="#{i} t={t + 1}: {v:+.3g}' for t, (c, v) in enumerate(zip(crow, vrow))]
+                      for i, crow, vrow in zip(self.rows, colors, values.tolist())]
+        self.labels = [html.escape(_short(data.train_texts[i], 16)) for i in self.rows]
+        self.k, self.n_steps = data.k, data.n_steps
+
+    def html(self, step: int, current: set[int], sign: str) -> str:
+        width = max(8, min(24, 300 // self.n_steps))
+        head = "".join(f'<th style="font-weight:{"bold" if t == step else "normal"};color:#555;font-size:9px;'
+                       f'width:{width}px">{t + 1}</th>' for t in range(self.n_steps))
+        now = "box-shadow:inset 2px 0 #111,inset -2px 0 #111;"
+        body = []
+        for i, label, cells in zip(self.rows, self.labels, self.cells):
+            mark = "▸" if i in current else ""
+            tds = "".join(f'<td style="{now if t == step else ""}height:10px;padding:0;{c}"></td>'
+                          for t, c in enumerate(cells))
+            body.append(f'<tr data-train-index="{i}"><td style="{MONO};font-size:10px;text-align:right;'
+                        f'padding:0 4px;white-space:pre;line-height:10px">{label}</td>'
+                        f'<td style="width:8px;padding:0;font-size:10px;line-height:10px">{mark}</td>{tds}</tr>')
+        return (f'<div style="font-size:12px;margin-top:4px"><div style="color:#333">SDI<sub>t</sub> of the examples '
+                f'that reach the top-{self.k} ({sign}); ▸ = in the top-{self.k} now</div>'
+                f'<table style="border-collapse:collapse;margin-top:2px"><thead><tr><th></th><th></th>{head}</tr></thead>'
+                f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _short(text: str, width: int) -> str:

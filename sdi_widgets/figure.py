@@ -1,113 +1,126 @@
-"""The explorer's matplotlib panel: SDI_t trajectories, TracIn bars and a train-example x iteration heat map.
+"""The explorer's matplotlib panel: SDI_t trajectories of the current top-k, and their TracIn as bars.
 
-Scrubbing redraws only what moves. Axes, ticks and the heat map are drawn once per (query, sign, view)
-and kept as a background bitmap; a slider move restores that bitmap, draws the k lines, the k bars and
-the current-iteration markers on top (matplotlib's "blitting", done on the Agg canvas without a GUI),
-and encodes the frame as a PNG for an ``ipywidgets.Image``.
+Scrubbing redraws only what moves. Axes, ticks and titles are drawn once per (query, sign, view) and kept
+as a background bitmap (the last ``cache_size`` of them, so switching back is instant); a slider move
+restores that bitmap, draws the k lines, the k bars and the current-iteration marker on top (matplotlib's
+"blitting", done on the Agg canvas without a GUI) and encodes the frame as a PNG for an ``ipywidgets.Image``.
 """
 
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections import OrderedDict
+from typing import Hashable, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LinearSegmentedColormap, to_hex
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-GREEN, RED = "#1b7837", "#b2182b"
-DIVERGING = LinearSegmentedColormap.from_list("sdi_diverging", [RED, "#f7f7f7", GREEN])
+GREEN, RED, WHITE = "#1b7837", "#b2182b", "#f7f7f7"
 
 
 def rank_colors(k: int, sign: str) -> list[str]:
     """k hex colours, strongest first: dark to light green for proponents, red for opponents."""
-    dark, light = (np.array([0.106, 0.471, 0.216]), np.array([0.62, 0.85, 0.62])) if sign == "proponents" else \
-                  (np.array([0.698, 0.094, 0.169]), np.array([0.96, 0.63, 0.60]))
+    if sign == "proponents":
+        dark, light = np.array([0.106, 0.471, 0.216]), np.array([0.62, 0.85, 0.62])
+    else:
+        dark, light = np.array([0.698, 0.094, 0.169]), np.array([0.96, 0.63, 0.60])
     return [to_hex(dark + (light - dark) * (r / max(1, k - 1))) for r in range(k)]
 
 
-class StepFigure:
-    """One figure with three axes; :meth:`set_query` draws the static part, :meth:`frame` one iteration."""
+def diverging_colors(values: np.ndarray, vmax: float) -> np.ndarray:
+    """Hex colours on a red - white - green scale for ``values`` in [-vmax, vmax] (any shape)."""
+    u = np.clip(np.asarray(values, dtype=np.float64) / (vmax or 1.0), -1, 1)[..., None]
+    white = np.array([247, 247, 247])
+    end = np.where(u >= 0, np.array([27, 120, 55]), np.array([178, 24, 43]))
+    rgb = np.rint(white + (end - white) * np.abs(u)).astype(int)
+    return np.vectorize(lambda r, g, b: f"#{r:02x}{g:02x}{b:02x}")(rgb[..., 0], rgb[..., 1], rgb[..., 2])
 
-    def __init__(self, k: int, n_steps: int, width_px: int = 480, height_px: int = 440, dpi: int = 100) -> None:
+
+class StepFigure:
+    """Trajectory and TracIn axes; :meth:`set_query` draws the static part, :meth:`frame` one iteration."""
+
+    def __init__(self, k: int, n_steps: int, width_px: int = 470, height_px: int = 230, dpi: int = 100,
+                 cache_size: int = 24) -> None:
         self.k, self.n_steps = k, n_steps
         self.fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
         self.canvas = FigureCanvasAgg(self.fig)
-        grid = self.fig.add_gridspec(2, 2, width_ratios=[3.3, 1], height_ratios=[1, 1.1],
-                                     left=0.2, right=0.97, top=0.93, bottom=0.1, wspace=0.08, hspace=0.42)
+        grid = self.fig.add_gridspec(1, 2, width_ratios=[3.4, 1], left=0.12, right=0.97, top=0.88, bottom=0.17,
+                                     wspace=0.1)
         self.ax_traj = self.fig.add_subplot(grid[0, 0])
         self.ax_total = self.fig.add_subplot(grid[0, 1])
-        self.ax_heat = self.fig.add_subplot(grid[1, :])
         steps = np.arange(1, n_steps + 1)
         self.lines = [self.ax_traj.plot(steps, np.zeros(n_steps), lw=1.4, animated=True)[0] for _ in range(k)]
         self.now = self.ax_traj.plot([], [], "o", ms=3.5, color="black", animated=True)[0]
         self.step_line = self.ax_traj.axvline(1, color="#444444", lw=0.9, ls="--", animated=True)
         self.bars = list(self.ax_total.barh(np.arange(k), np.zeros(k), height=0.75, animated=True))
-        self.heat = self.ax_heat.imshow(np.zeros((1, n_steps)), aspect="auto", cmap=DIVERGING,
-                                        interpolation="nearest", extent=(0.5, n_steps + 0.5, 0.5, -0.5))
-        self.heat_col = Rectangle((0.5, -0.5), 1, 1, fill=False, ec="black", lw=1.3, animated=True)
-        self.ax_heat.add_patch(self.heat_col)
-        self.heat_marks = self.ax_heat.plot([], [], ">", ms=4, color="black", clip_on=False, animated=True)[0]
-        self._style_static_axes(steps)
+        self._style_static_axes()
         self.background = None
+        self.cache_size = cache_size
+        self._cache: OrderedDict[Hashable, dict] = OrderedDict()  # key -> background and axis state
 
-    def _style_static_axes(self, steps: np.ndarray) -> None:
-        for ax in (self.ax_traj, self.ax_heat):
-            ax.set_xlim(0.5, self.n_steps + 0.5)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(self.n_steps, 12)))
-            ax.tick_params(labelsize=7)
+    def _style_static_axes(self) -> None:
+        self.ax_traj.set_xlim(0.5, self.n_steps + 0.5)
+        self.ax_traj.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(self.n_steps, 12)))
+        self.ax_traj.yaxis.set_major_locator(MaxNLocator(nbins=4))
         self.ax_traj.axhline(0, color="#999999", lw=0.6)
         self.ax_traj.set_xlabel("iteration t", fontsize=7, labelpad=1)
         self.ax_total.axvline(0, color="#999999", lw=0.6)
         self.ax_total.set_ylim(self.k - 0.5, -0.5)
         self.ax_total.set_yticks([])
-        self.ax_total.tick_params(labelsize=6)
         self.ax_total.xaxis.set_major_locator(MaxNLocator(nbins=2))
-        self.ax_total.set_title("TracIn = Σ_t", fontsize=8)
-        self.ax_heat.set_xlabel("iteration t", fontsize=7, labelpad=1)
-        for ax in (self.ax_traj, self.ax_total, self.ax_heat):
+        self.ax_total.set_title(r"TracIn = $\Sigma_t$", fontsize=8)
+        for ax in (self.ax_traj, self.ax_total):
+            ax.tick_params(labelsize=7)
             for side in ("top", "right"):
                 ax.spines[side].set_visible(False)
 
-    def set_query(self, scores: np.ndarray, tracin: np.ndarray, union: Sequence[int], rows: Sequence[int],
-                  row_labels: Sequence[str], sign: str, title: str) -> None:
+    def set_query(self, scores: np.ndarray, tracin: np.ndarray, union: Sequence[int], sign: str, title: str,
+                  key: Hashable | None = None) -> None:
         """Draw everything that stays fixed while scrubbing and keep it as the background.
 
         scores: (N, T) SDI_t of every training example on this query; tracin: (N,);
         union:  every training example that reaches the top-k at some iteration (fixes the axis ranges);
-        rows:   the heat map's rows (a prefix of ``union`` in order of first appearance), ``row_labels`` theirs.
+        key:    identifies (view, query, sign); a background drawn for the same key is reused, not redrawn.
         """
-        union, rows = list(union), list(rows)
+        if key is not None and key in self._cache:
+            self._cache.move_to_end(key)
+            self._restore(self._cache[key])
+            return
+        union = list(union)
         lo, hi = min(0.0, float(scores[union].min())), max(0.0, float(scores[union].max()))
         pad = 0.06 * (hi - lo or 1.0)
         self.ax_traj.set_ylim(lo - pad, hi + pad)
-        shown = scores[rows]                                          # (R, T)
         t_lo, t_hi = min(0.0, float(tracin[union].min())), max(0.0, float(tracin[union].max()))
         t_pad = 0.08 * (t_hi - t_lo or 1.0)
         self.ax_total.set_xlim(t_lo - t_pad, t_hi + t_pad)
         self.ax_traj.set_title(title, fontsize=8)
-        vmax = float(np.abs(shown).max()) or 1.0
-        self.heat.set_data(shown)
-        self.heat.set_clim(-vmax, vmax)
-        self.heat.set_extent((0.5, self.n_steps + 0.5, len(rows) - 0.5, -0.5))
-        self.ax_heat.set_ylim(len(rows) - 0.5, -0.5)
-        self.ax_heat.set_yticks(np.arange(len(rows)))
-        self.ax_heat.set_yticklabels(row_labels, fontsize=6, family="monospace")
-        self.ax_heat.set_title(f"SDI_t of the examples that reach the top-{self.k} ({sign})", fontsize=8)
-        self.colors = rank_colors(self.k, sign)
-        for line, bar, color in zip(self.lines, self.bars, self.colors):
-            line.set_color(color)
-            bar.set_color(color)
-        self.row_of = {i: r for r, i in enumerate(rows)}
+        self._set_colors(rank_colors(self.k, sign))
         self.canvas.draw()  # animated artists are skipped: they are drawn per frame
         self.background = self.canvas.copy_from_bbox(self.fig.bbox)
+        if key is not None:
+            self._cache[key] = {"background": self.background, "ylim": self.ax_traj.get_ylim(),
+                                "xlim": self.ax_total.get_xlim(), "colors": self.colors}
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
 
-    def frame(self, step: int, top_scores: np.ndarray, top_tracin: np.ndarray, top_indices: Sequence[int]) -> bytes:
-        """PNG of iteration ``step`` (0-based): top_scores (k, T) trajectories, top_tracin (k,), top_indices (k,)."""
+    def _restore(self, state: dict) -> None:
+        self.ax_traj.set_ylim(state["ylim"])
+        self.ax_total.set_xlim(state["xlim"])
+        self._set_colors(state["colors"])
+        self.background = state["background"]
+
+    def _set_colors(self, colors: list[str]) -> None:
+        self.colors = colors
+        for line, bar, color in zip(self.lines, self.bars, colors):
+            line.set_color(color)
+            bar.set_color(color)
+
+    def frame(self, step: int, top_scores: np.ndarray, top_tracin: np.ndarray) -> bytes:
+        """PNG of iteration ``step`` (0-based): top_scores (k, T) trajectories and top_tracin (k,) of the top-k."""
         if self.background is None:
             raise RuntimeError("call set_query before frame")
         self.canvas.restore_region(self.background)
@@ -117,16 +130,11 @@ class StepFigure:
             self.ax_traj.draw_artist(line)
         self.step_line.set_xdata([t, t])
         self.now.set_data(np.full(len(top_scores), t), top_scores[:, step])
-        for artist in (self.step_line, self.now):
-            self.ax_traj.draw_artist(artist)
+        self.ax_traj.draw_artist(self.step_line)
+        self.ax_traj.draw_artist(self.now)
         for bar, value in zip(self.bars, top_tracin):
             bar.set_width(float(value))
             self.ax_total.draw_artist(bar)
-        self.heat_col.set_bounds(t - 0.5, -0.5, 1, len(self.row_of))
-        marked = [self.row_of[i] for i in top_indices if i in self.row_of]
-        self.heat_marks.set_data(np.full(len(marked), 0.5 - 0.012 * self.n_steps), marked)
-        self.ax_heat.draw_artist(self.heat_col)
-        self.ax_heat.draw_artist(self.heat_marks)
         return self.png()
 
     def png(self) -> bytes:
