@@ -48,6 +48,10 @@ NPM_PACKAGES = {
     "mathjax": "3.2.2",
 }
 VENDOR_STATIC = Path("_vendor") / "static"  # relative to the book; listed in html_static_path
+# The widget manager asks for its icon fonts next to the AMD modules it defines, which RequireJS places relative
+# to the page (…/@jupyter-widgets/html-manager/dist/ and …/@jupyter-widgets/); html_extra_path puts them there.
+VENDOR_EXTRA = Path("_vendor") / "extra"
+FONT_FOLDERS = ("@jupyter-widgets/html-manager/dist", "@jupyter-widgets")
 FONT_SUFFIXES = (".woff2", ".woff", ".ttf", ".eot", ".svg")  # the widget manager's icon fonts
 
 
@@ -112,15 +116,13 @@ def colab_cell_source(url: str) -> str:
     A plain Python cell (no ``!pip`` magic) so that nbmake and any Python runner execute it unchanged.
     """
     return (
-        "# On Colab, install the library this book is about; anywhere else this cell does nothing.\n"
+        "# Colab only: install the library this book is about (elsewhere: no-op).\n"
         "import subprocess, sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
         f'    REPOSITORY = "{url}"\n'
-        "    subprocess.run(\n"
-        '        [sys.executable, "-m", "pip", "install", "-q", f"loopsdi[widgets] @ git+{REPOSITORY}"],\n'
-        "        check=True,\n"
-        "    )"
+        '    subprocess.run([sys.executable, "-m", "pip", "install", "-q",\n'
+        '                    f"loopsdi[widgets] @ git+{REPOSITORY}"], check=True)'
     )
 
 
@@ -199,7 +201,8 @@ def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
     """
     static = Path(book_dir) / VENDOR_STATIC
     stamp = static / "VERSIONS.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == NPM_PACKAGES:
+    complete = stamp.is_file() and (Path(book_dir) / VENDOR_EXTRA).is_dir()
+    if not force and complete and json.loads(stamp.read_text()) == NPM_PACKAGES:
         return static
     npm = shutil.which("npm")
     if npm is None:
@@ -219,12 +222,19 @@ def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
         for name, version in NPM_PACKAGES.items():
             tarball = tmp / f"{name.lstrip('@').replace('/', '-')}-{version}.tgz"
             _unpack(name, tarball, new)
+        new_extra = tmp / "extra"
+        for folder in FONT_FOLDERS:
+            (new_extra / folder).mkdir(parents=True, exist_ok=True)
+            for font in new.iterdir():
+                if font.suffix in FONT_SUFFIXES:
+                    shutil.copyfile(font, new_extra / folder / font.name)
         (new / "VERSIONS.json").write_text(json.dumps(NPM_PACKAGES, indent=2) + "\n")
-        # Swap folders so a half-written vendor folder is never seen by a build.
-        old = tmp / "old"
-        if static.exists():
-            os.replace(static, old)
-        os.replace(new, static)
+        # Swap folders (the stamp last) so a half-written vendor folder is never taken for a complete one.
+        extra = Path(book_dir) / VENDOR_EXTRA
+        for fresh, target, name in ((new_extra, extra, "old_extra"), (new, static, "old_static")):
+            if target.exists():
+                os.replace(target, tmp / name)
+            os.replace(fresh, target)
     return static
 
 
@@ -274,9 +284,30 @@ def _on_config_inited(app, config) -> None:  # noqa: ANN001 (Sphinx objects)
                            "(run `python book/booktools.py sync`)")
 
 
+def _dedupe_scripts(app, pagename, templatename, context, doctree) -> None:  # noqa: ANN001
+    """Drop repeated inline scripts from a page.
+
+    Sphinx 7.4 emits every inline script that an extension adds after the builder started twice (once from the
+    registry as filename ``''``, once as ``None``); sphinx-thebe's ``const THEBE_JS_URL`` declared twice is a
+    SyntaxError in the browser console on every page.
+    """
+    scripts, seen = context.get("script_files"), set()
+    if not isinstance(scripts, list):
+        return
+    unique = []
+    for js in scripts:
+        attributes = getattr(js, "attributes", {})
+        key = (getattr(js, "filename", str(js)) or "", tuple(sorted((k, str(v)) for k, v in attributes.items())))
+        if key not in seen:
+            seen.add(key)
+            unique.append(js)
+    scripts[:] = unique
+
+
 def setup(app) -> dict:  # noqa: ANN001
     """Sphinx entry point: vendor the offline assets and check the chapters before reading any source."""
     app.connect("config-inited", _on_config_inited)
+    app.connect("html-page-context", _dedupe_scripts, priority=900)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
 
 
