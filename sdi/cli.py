@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -134,6 +135,8 @@ def train_run(args: argparse.Namespace) -> Path:
     except ValueError as e:
         raise CLIError(str(e)) from None
     model = LoopedGPT(mcfg, seed=args.seed)
+    if (out / "checkpoints").is_dir():  # --overwrite: no stale checkpoint of the previous run may survive
+        shutil.rmtree(out / "checkpoints")
     result = train(model, train_data, tcfg, checkpoint_dir=out / "checkpoints", progress=not args.quiet)
     spec = {
         "format": RUN_FORMAT, "version": 1, "task": args.task, "train_data": train_kwargs, "query_data": query_kwargs,
@@ -220,11 +223,11 @@ def influence_run(args: argparse.Namespace) -> Path:
     queries = fstore.query_features(attr, run.checkpoints, run.query_data.batches(args.batch_size), qloss, store=st)
     out = Path(args.out) if args.out else run.path / "influence.npz"
     Q, Tq = len(queries[0]), queries[0].n_steps
-    full = args.top_k is None and st.n * Q * Tq * (st.n_checkpoints + 2) <= args.max_elements
+    full = args.top_k is None and st.result_elements(Q, Tq) <= args.max_elements
     texts = {**explorer_inputs(run, args.query_loops), "task": run.spec["task"], "run": str(run.path),
              "query_loops": args.query_loops}
     if full:
-        res = st.influence(queries, progress=not args.quiet)
+        res = st.influence(queries, max_elements=args.max_elements, progress=not args.quiet)
         res.meta.update(texts)
         res.save(out)
         what = f"full result: sdi {tuple(res.sdi.shape)} (N, Q, T_query), conservation error {res.conservation_error():.1e}"
@@ -281,8 +284,6 @@ def demo(args: argparse.Namespace) -> Path:
                             dtype=args.dtype, quiet=args.quiet, query_loops=args.query_loops, out=None, top_k=None,
                             max_elements=args.max_elements)
     if (out / "store").exists():
-        import shutil
-
         shutil.rmtree(out / "store")
     featurize_run(ns)
     result = influence_run(ns)

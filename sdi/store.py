@@ -567,11 +567,11 @@ def featurize(
     try:
         if quiet is not None:
             attr.progress = False  # one bar per chunk, not one per batch
+        digests = {i: data_digest(data.batch(slice(*chunk_rows(n, chunk_size, i)))) for i in mine}
         for k, ref in enumerate(refs):
             todo = []
             for i in mine:
-                rows = chunk_rows(n, chunk_size, i)
-                digest = data_digest(data.batch(slice(*rows)))
+                rows, digest = chunk_rows(n, chunk_size, i), digests[i]
                 record = _load_record(root, k, i, manifest)
                 problem = chunk_problem(root, record, dtype)
                 if problem is None and record["data_sha256"] != digest:
@@ -917,8 +917,8 @@ class FeatureStore:
         :meth:`top_k`. Agrees with :meth:`sdi.StepInfluence.influence` on the same examples and checkpoints.
         """
         qs = self._check_queries(queries)
-        Q, Tq, Tt, K = qs[0][0].shape[0], qs[0][0].shape[1], self.n_steps, self.n_checkpoints
-        size = self.n * Q * (Tq * (1 + (K if keep_checkpoints else 0)) + Tt + 1 + (Tt * Tq if step_matrix else 0))
+        K = self.n_checkpoints
+        size = self.result_elements(len(queries[0]), queries[0].n_steps, keep_checkpoints, step_matrix)
         if size > max_elements:
             raise StoreError(f"the full result would hold {size:,} floats (> max_elements={max_elements:,}); use "
                              "store.top_k(queries, k) for large stores, or raise max_elements")
@@ -929,7 +929,8 @@ class FeatureStore:
             for part in scores["sdi"][1:]:
                 sdi = sdi + part
             parts["sdi"].append(sdi)
-            parts["ck"].append(torch.stack(scores["sdi"]))
+            if keep_checkpoints:
+                parts["ck"].append(torch.stack(scores["sdi"]))
             parts["tracin"].append(scores["tracin"])
             parts["train_sdi"].append(scores["train_sdi"])
             if step_matrix:
@@ -942,6 +943,12 @@ class FeatureStore:
             checkpoint_sdi=torch.cat(parts["ck"], dim=1) if keep_checkpoints else None,
             meta=self._result_meta(),
         )
+
+    def result_elements(self, n_query: int, n_query_steps: int, keep_checkpoints: bool = True,
+                        step_matrix: bool = False) -> int:
+        """Floats a full :meth:`influence` result holds for ``n_query`` queries of ``n_query_steps`` iterations."""
+        Tq, Tt, K = n_query_steps, self.n_steps, self.n_checkpoints
+        return self.n * n_query * (Tq * (1 + (K if keep_checkpoints else 0)) + Tt + 1 + (Tt * Tq if step_matrix else 0))
 
     def _result_meta(self) -> dict[str, Any]:
         fp = self.fingerprint

@@ -146,25 +146,32 @@ def test_streaming_top_k_equals_full_sort(setup, k):
                                    res.top_k(q, step, k=k, opponents=opp).indices)
 
 
-def test_streaming_top_k_breaks_ties_like_a_stable_sort(tmp_path):
-    """Duplicate rows across chunk boundaries give exactly equal scores: the lower index must win."""
-    g = torch.Generator().manual_seed(0)
-    base = torch.randn(6, 2, 4, generator=g)
-    feats = base[torch.tensor([0, 1, 2, 1, 3, 1, 4, 2, 5, 1, 0])]        # N = 11, many exact duplicates
+@pytest.mark.parametrize("chunk", [1, 3, 7, 50])
+def test_streaming_top_k_breaks_ties_like_a_stable_sort(tmp_path, chunk):
+    """Small-integer features make exact ties everywhere, across chunk boundaries: the lower index must win."""
+    g = torch.Generator().manual_seed(chunk)
+    n = 50
+    feats = torch.randint(-2, 3, (n, 2, 4), generator=g).float()
     fp = {"kind": "synthetic"}
-    header = S.store_header({"sha256": "m"}, [{"name": "c", "step": 1, "eta": 0.5, "sha256": "w"}], fp, 11, 3,
+    header = S.store_header({"sha256": "m"}, [{"name": "c", "step": 1, "eta": 0.5, "sha256": "w"}], fp, n, chunk,
                             "float32")
     root = S.init_store(tmp_path / "s", header)
-    for i in range(4):
-        a, b = S.chunk_rows(11, 3, i)
+    for i in range(header["n_chunks"]):
+        a, b = S.chunk_rows(n, chunk, i)
         S.write_chunk(root, 0, i, (a, b), feats[a:b], torch.zeros(b - a), "float32", "d")
     st = S.finalize_store(root)
-    q = sdi.StepFeatures(torch.randn(2, 3, 4, generator=g), torch.zeros(2), fp)
-    top, res = st.top_k([q], k=4, progress=False), st.influence([q], progress=False)
-    for scores, idx in ((res.sdi.permute(1, 2, 0), top.sdi_indices), (-res.sdi.permute(1, 2, 0), top.sdi_opp_indices),
-                        (res.tracin.T, top.tracin_indices)):
-        assert torch.equal(idx, _stable_top(scores, 4)[1])
-    assert (top.sdi_indices[..., 0] != 9).all()   # row 9 duplicates row 1: never ranked above it
+    q = sdi.StepFeatures(torch.randint(-1, 2, (3, 3, 4), generator=g).float(), torch.zeros(3), fp)
+    res = st.influence([q], progress=False)
+    sdi_qtn = res.sdi.permute(1, 2, 0)
+    assert len(torch.unique(sdi_qtn[0, 0])) <= n // 2            # the data really is full of ties
+    for k in (1, 3, 10, n):
+        top = st.top_k([q], k=k, progress=False)
+        for scores, idx, val in ((sdi_qtn, top.sdi_indices, top.sdi_scores),
+                                 (-sdi_qtn, top.sdi_opp_indices, -top.sdi_opp_scores),
+                                 (res.tracin.T, top.tracin_indices, top.tracin_scores),
+                                 (-res.tracin.T, top.tracin_opp_indices, -top.tracin_opp_scores)):
+            ref_val, ref_idx = _stable_top(scores, k)
+            assert torch.equal(idx, ref_idx) and torch.equal(val, ref_val)
 
 
 def test_top_k_result_file_round_trip(setup, tmp_path):
