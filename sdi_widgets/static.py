@@ -169,7 +169,7 @@ CSS = r"""
 #ROOT .steps span.cell.current { border: 2px solid #222; }
 #ROOT .steps small { color: #777; }
 #ROOT .body { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin-top: 6px; }
-#ROOT .tablebox { flex: 1 1 520px; min-width: 0; overflow-x: auto; }
+#ROOT .tablebox { flex: 0 1 auto; min-width: 0; overflow-x: auto; }
 #ROOT table { border-collapse: collapse; font-size: 12px; }
 #ROOT th { text-align: left; font-weight: 600; padding: 2px 6px; border-bottom: 1px solid #ccc; white-space: nowrap; }
 #ROOT td { padding: 1px 6px; white-space: nowrap; }
@@ -318,6 +318,11 @@ JS = r"""
         el("td", { class: "num muted", text: fmt(v.tracin[rowOf.get(i)]) }),
       ]);
     });
+    body.forEach(tr => {  // hovering a row thickens its trajectory
+      const line = () => traj.querySelector(`polyline[data-train-index="${tr.dataset.trainIndex}"]`);
+      tr.addEventListener("mouseenter", () => { const l = line(); if (l) l.setAttribute("stroke-width", 3.2); });
+      tr.addEventListener("mouseleave", () => { const l = line(); if (l) l.setAttribute("stroke-width", 1.6); });
+    });
     table.textContent = "";
     table.appendChild(el("table", {}, [el("thead", {}, [head]), el("tbody", {}, body)]));
   }
@@ -350,6 +355,7 @@ JS = r"""
                 el("svg:line", { x1: L, x2: R, y1: B, y2: B, stroke: "#333", "stroke-width": 0.8 }),
                 el("svg:text", { x: L - 4, y: y(hi - pad) + 3, "text-anchor": "end", text: fmt(hi - pad) }),
                 el("svg:text", { x: L - 4, y: y(lo + pad) + 3, "text-anchor": "end", text: fmt(lo + pad) }),
+                el("svg:text", { x: L - 4, y: y(0) + 3, "text-anchor": "end", text: "0" }),
                 el("svg:text", { x: (L + R) / 2, y: B + 26, "text-anchor": "middle", text: "iteration t" }));
     const every = Math.ceil(D.T / 12);
     for (let s = 0; s < D.T; s += every) traj.append(el("svg:text", { x: x(s), y: B + 12, "text-anchor": "middle", text: String(s + 1) }));
@@ -383,7 +389,7 @@ JS = r"""
     const v = cur(), t = S.step, sign = S.sign;
     const rowOf = new Map(v.rows.map((i, r) => [i, r]));
     const rows = unionRows(sign).slice(0, 24);
-    const L = 96, R = 452, TOP = 18, B = 214;
+    const L = 110, R = 452, TOP = 18, B = 214;
     const cw = (R - L) / D.T, rh = Math.min(14, (B - TOP) / rows.length);
     let vmax = 0;
     for (const i of rows) for (const x of v.sdi[rowOf.get(i)]) vmax = Math.max(vmax, Math.abs(x));
@@ -395,8 +401,8 @@ JS = r"""
       const vals = v.sdi[rowOf.get(i)];
       vals.forEach((val, s) => heat.append(el("svg:rect", { x: L + s * cw, y: TOP + r * rh, width: cw + 0.3, height: rh + 0.3, fill: heatColor(val, vmax) },
                                               [el("svg:title", { text: `#${i} t=${s + 1}: ${fmt(val)}` })])));
-      heat.append(el("svg:text", { x: L - 10, y: TOP + r * rh + rh / 2 + 3, "text-anchor": "end", class: "mono", text: short(trainText(i), 14) }));
-      if (current.has(i)) heat.append(el("svg:text", { x: L - 8, y: TOP + r * rh + rh / 2 + 3, text: "▸" }));
+      heat.append(el("svg:text", { x: L - 11, y: TOP + r * rh + rh / 2 + 3, "text-anchor": "end", class: "mono", text: short(trainText(i), 16) }));
+      if (current.has(i)) heat.append(el("svg:text", { x: L - 9, y: TOP + r * rh + rh / 2 + 3, "data-role": "in-top", text: "▸" }));
     });
     heat.append(el("svg:rect", { "data-role": "current-step", x: L + t * cw, y: TOP, width: cw, height: rows.length * rh, fill: "none", stroke: "#111", "stroke-width": 1.4 }));
     const every = Math.ceil(D.T / 12), yb = TOP + rows.length * rh + 11;

@@ -216,12 +216,29 @@ def test_heat_rows_in_order_of_first_appearance(result):
     assert data.heat_rows(0, 2, "opponents", max_rows=5) == want[:5]
 
 
+def test_heatmap_shows_the_examples_that_reach_the_topk(explorer, result):
+    explorer.query.value, explorer.sign.value, explorer.step.value = 2, "opponents", 3
+    want = []
+    for t in range(T):
+        want += [i for i in expected(result.sdi[:, 2, t], opponents=True) if i not in want]
+    rows = re.findall(r'<tr data-train-index="(\d+)">(.*?)</tr>', explorer.heatmap.value)
+    assert [int(i) for i, _ in rows] == want[:24]
+    now = set(expected(result.sdi[:, 2, 2], opponents=True))
+    for i, body in rows:
+        assert ("▸" in body) == (int(i) in now)
+        assert body.count("box-shadow") == 1  # the current iteration's cell is outlined
+        assert f'title="#{i} t=3: {float(result.sdi[int(i), 2, 2]):+.3g}"' in body
+
+
 def test_is_a_displayable_widget(explorer):
     import ipywidgets
 
     assert isinstance(explorer, ipywidgets.VBox)
-    bundle = explorer._repr_mimebundle_()
-    assert "application/vnd.jupyter.widget-view+json" in bundle
+    if hasattr(explorer, "_repr_mimebundle_"):  # ipywidgets 8
+        bundle = explorer._repr_mimebundle_()
+        assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.model_id
+    else:  # ipywidgets 7 displays through _ipython_display_
+        assert callable(explorer._ipython_display_)
 
 
 def test_accepts_a_saved_result(result, tmp_path):
