@@ -91,11 +91,15 @@ def phase_query(args) -> dict:
     gen = torch.Generator().manual_seed(1)
     q = sdi.StepFeatures(torch.randn(args.queries, args.steps, st.dim, generator=gen), torch.zeros(args.queries),
                          st.fingerprint)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     top = st.top_k([q], k=10, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert top.sdi_indices.shape == (args.queries, args.steps, 10)
-    return {"query_s": seconds, "peak_rss_mb": peak_rss_mb()}
+    t0 = time.perf_counter()
+    for i in range(st.n_chunks):  # what reading alone costs: the same bytes, CRC-checked, no products
+        st.read_chunk(0, i, copy=False)
+    read_s = time.perf_counter() - t0
+    return {"query_s": seconds, "query_cpu_s": cpu, "read_only_s": read_s, "peak_rss_mb": peak_rss_mb()}
 
 
 def phase_real(args) -> dict:
@@ -159,9 +163,10 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[float, float]
 PHASES = {"baseline": phase_baseline, "write": phase_write, "query": phase_query, "real": phase_real}
 
 
-def child(phase: str, args, store: Path) -> dict:
+def child(phase: str, args, store: Path, **overrides) -> dict:
+    values = {**vars(args), **overrides}
     cmd = [sys.executable, __file__, "--phase", phase, "--store", str(store)] + [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("phase", "store", "keep", "out", "dir")]
+        f"--{k.replace('_', '-')}={v}" for k, v in values.items() if k not in ("phase", "store", "keep", "out", "dir")]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -177,7 +182,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4, help="T: loop iterations (train and query)")
     p.add_argument("--sketch-dim", type=int, default=1024, help="m: sketch width per example and step")
     p.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk of the synthetic store")
-    p.add_argument("--dtype", default="float32", help="storage dtype of the synthetic store")
+    p.add_argument("--dtypes", default="float32,float16", help="storage dtypes of the synthetic store, in turn")
+    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--real-n", type=int, default=2048, help="train examples featurized from a real model")
     p.add_argument("--real-chunk-size", type=int, default=256)
@@ -196,62 +202,86 @@ def main() -> None:
 
     work = Path(args.dir or tempfile.mkdtemp(prefix="sdi-store-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    scale = {}
     try:
         base = child("baseline", args, work / "none")
-        print("baseline done", file=sys.stderr)
-        write = child("write", args, work / "synthetic")
-        print(f"write done: {write['write_s']:.1f} s", file=sys.stderr)
-        query = child("query", args, work / "synthetic")
-        print(f"query done: {query['query_s']:.1f} s", file=sys.stderr)
+        for dtype in args.dtypes.split(","):
+            store = work / f"synthetic-{dtype}"
+            write = child("write", args, store, dtype=dtype)
+            print(f"{dtype}: write {write['write_s']:.1f} s", file=sys.stderr)
+            query = child("query", args, store, dtype=dtype)
+            print(f"{dtype}: query {query['query_s']:.1f} s", file=sys.stderr)
+            scale[dtype] = summarize(args, base, write, query)
+            if not args.keep:
+                shutil.rmtree(store)
         real = child("real", args, work / "real")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    size_mb = write["store_bytes"] / 2**20
+    config = {k: v for k, v in vars(args).items() if k not in ("phase", "store", "keep", "out", "dir", "dtype")}
     result = {
-        "config": {k: v for k, v in vars(args).items() if k not in ("phase", "store", "keep", "out", "dir")},
+        "config": config,
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "platform": platform.platform(), "note": "shared machine: timings are noisy"},
-        "synthetic": {
-            "note": "features synthesized (seeded Gaussian) in the right shape; written through the store's writer",
-            "store_mb": size_mb, "files": write["n_files"],
-            "write_s": write["write_s"], "write_mb_per_s": size_mb / write["write_s"],
-            "write_examples_per_s": args.n / write["write_s"],
-            "query_s": query["query_s"], "query_pairs_per_s": args.n * args.queries / query["query_s"],
-            "query_peak_rss_mb": query["peak_rss_mb"], "write_peak_rss_mb": write["peak_rss_mb"],
-            "baseline_rss_mb": base["peak_rss_mb"],
-            "query_flops_per_s": 2.0 * args.n * args.sketch_dim * args.queries * (args.steps + 1) / query["query_s"],
-        },
+        "synthetic_note": "features synthesized (seeded Gaussian) in the right shape; written through the store's "
+                          "writer; queried through FeatureStore.top_k",
+        "synthetic": scale,
         "real": real,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(report(result))
 
 
+def summarize(args, base: dict, write: dict, query: dict) -> dict:
+    size_mb = write["store_bytes"] / 2**20
+    pairs = args.n * args.queries
+    return {
+        "store_mb": size_mb, "files": write["n_files"],
+        "write_s": write["write_s"], "write_mb_per_s": size_mb / write["write_s"],
+        "write_examples_per_s": args.n / write["write_s"],
+        "query_s": query["query_s"], "query_cpu_s": query["query_cpu_s"],
+        "read_only_s": query["read_only_s"], "read_only_mb_per_s": size_mb / query["read_only_s"],
+        "query_pairs_per_s": pairs / query["query_s"], "query_pairs_per_cpu_s": pairs / query["query_cpu_s"],
+        "query_gflops_per_cpu_s": 2e-9 * pairs * args.sketch_dim * (args.steps + 1) / query["query_cpu_s"],
+        "query_peak_rss_mb": query["peak_rss_mb"], "write_peak_rss_mb": write["peak_rss_mb"],
+        "baseline_rss_mb": base["peak_rss_mb"],
+    }
+
+
 def report(r: dict) -> str:
-    c, s, real = r["config"], r["synthetic"], r["real"]
+    c, scale, real = r["config"], r["synthetic"], r["real"]
     T, m = c["steps"], c["sketch_dim"]
+    dtypes = list(scale)
+
+    def row(label: str, fmt) -> str:
+        return f"| {label} | " + " | ".join(fmt(scale[d]) for d in dtypes) + " |"
+
     lines = [
-        f"Feature store, {c['threads']} thread(s), {r['machine']['cpus']} CPUs (shared machine: noisy timings)",
+        f"Feature store, {c['threads']} thread(s) per process, {r['machine']['cpus']} CPUs (shared machine: noisy)",
         "",
-        f"| scale: N = {c['n']:,} synthesized sketched examples (T = {T}, m = {m}, {c['dtype']}) x {c['queries']} "
-        "queries | value |",
-        "|---|---|",
-        f"| store size on disk | {s['store_mb']:,.0f} MB in {s['files']:,} files |",
-        f"| write throughput (convert + CRC + fsync + rename) | {s['write_mb_per_s']:,.0f} MB/s = "
-        f"{s['write_examples_per_s']:,.0f} examples/s |",
-        f"| streaming top-10 query time (SDI per step, both signs, TracIn) | {s['query_s']:.1f} s |",
-        f"| query throughput | {s['query_pairs_per_s']:,.0f} train examples x queries / s "
-        f"({s['query_flops_per_s'] / 1e9:.1f} GFLOP/s) |",
-        f"| peak RSS of the query process | {s['query_peak_rss_mb']:,.0f} MB "
-        f"({s['query_peak_rss_mb'] / s['store_mb']:.1%} of the store; interpreter + torch alone "
-        f"{s['baseline_rss_mb']:,.0f} MB) |",
-        f"| peak RSS of the writer process | {s['write_peak_rss_mb']:,.0f} MB |",
+        f"| N = {c['n']:,} synthesized sketched train examples (T = {T}, m = {m}) x {c['queries']} queries | "
+        + " | ".join(dtypes) + " |",
+        "|---|" + "---|" * len(dtypes),
+        row("store size on disk", lambda s: f"{s['store_mb']:,.0f} MB ({s['files']} files)"),
+        row("write throughput (convert + CRC + fsync + rename)",
+            lambda s: f"{s['write_mb_per_s']:,.0f} MB/s = {s['write_examples_per_s']:,.0f} examples/s"),
+        row("streaming top-10 per (query, step), both signs + TracIn: wall / CPU",
+            lambda s: f"{s['query_s']:.1f} s / {s['query_cpu_s']:.1f} s"),
+        row("query throughput, wall (train examples x queries / s)", lambda s: f"{s['query_pairs_per_s']:,.0f}"),
+        row("query throughput, per CPU second", lambda s: f"{s['query_pairs_per_cpu_s']:,.0f} "
+            f"({s['query_gflops_per_cpu_s']:.1f} GFLOP/s)"),
+        row("a read + CRC pass alone (disk / page cache)",
+            lambda s: f"{s['read_only_s']:.1f} s = {s['read_only_mb_per_s']:,.0f} MB/s"),
+        row("peak RSS of the query process vs store size",
+            lambda s: f"{s['query_peak_rss_mb']:,.0f} MB = {s['query_peak_rss_mb'] / s['store_mb']:.1%}"),
+        row("peak RSS of the writer process", lambda s: f"{s['write_peak_rss_mb']:,.0f} MB"),
+        f"| (an interpreter with torch + sdi imported, idle) | "
+        + " | ".join(f"{scale[d]['baseline_rss_mb']:,.0f} MB" for d in dtypes) + " |",
         "",
         f"| real: LoopedGPT d_model 64, parity, N = {real['n']:,}, {real['checkpoints']} checkpoints, m = {m} | value |",
         "|---|---|",
-        f"| featurize (sketch + write, float32) | {real['featurize_s']:.1f} s = "
+        f"| featurize (TensorSketch + write, float32) | {real['featurize_s']:.1f} s = "
         f"{real['n'] * real['checkpoints'] / real['featurize_s']:,.0f} examples x checkpoints / s |",
         f"| rewriting the same features without featurizing (read + CRC + convert + write) | "
         f"{real['store_rewrite_s']:.2f} s |",
