@@ -192,12 +192,15 @@ def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
     """Fetch the pinned npm packages and lay out ``<book>/_vendor/static``; return that folder.
 
     ``npm pack`` downloads just the three package tarballs (no dependency tree: the files used are prebuilt
-    bundles). Layout of the result, served by the book as ``_static/...``::
+    bundles). ``_vendor/static`` is served by the book as ``_static/...``::
 
         require.js                      RequireJS, which loads the widget manager
         embed-amd.js, <hash>.woff2 ...  @jupyter-widgets/html-manager and the icon fonts it asks for
         mathjax/                        MathJax 3 (es5/: the combined components, fonts and lazy extensions)
+        licenses/                       the packages' licence files
         VERSIONS.json                   what was vendored; a mismatch with NPM_PACKAGES triggers a refetch
+
+    ``_vendor/extra`` (copied to the site's root) holds the icon fonts again under ``@jupyter-widgets/...``.
     """
     static = Path(book_dir) / VENDOR_STATIC
     stamp = static / "VERSIONS.json"

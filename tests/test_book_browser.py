@@ -8,13 +8,14 @@ leaves 127.0.0.1, nothing 404s and the console stays clean. Screenshots go to ``
 
 import functools
 import http.server
-import shutil
+import re
 import sys
 import threading
 from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlparse
 
+import nbformat
 import pytest
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
@@ -118,17 +119,27 @@ def wait_for_mathjax(page: "sync_api.Page") -> None:
     page.evaluate("() => MathJax.startup.promise.then(() => true)")
 
 
-def test_toc_lists_every_page(visit) -> None:
+def page_title(page: str) -> str:
+    """The first ``# heading`` of a page's source (a chapter notebook or a markdown page)."""
+    source = BOOK / f"{page}.ipynb"
+    if source.is_file():
+        text = "\n".join(c.source for c in nbformat.read(str(source), as_version=4).cells
+                          if c.cell_type == "markdown")
+    else:
+        text = (BOOK / f"{page}.md").read_text(encoding="utf-8")
+    return next(line[2:].strip() for line in text.splitlines() if line.startswith("# "))
+
+
+def test_toc_lists_every_page_in_order(visit) -> None:
     v = visit(PAGES[0])
     links = v.page.eval_on_selector_all(
-        ".bd-sidebar-primary nav a.reference", "els => els.map(a => a.getAttribute('href'))"
+        ".bd-sidebar-primary nav a.reference",
+        "els => els.map(a => [a.getAttribute('href'), a.textContent.trim()])",
     )
-    listed = {href.split("#")[0].removesuffix(".html") for href in links}
-    listed.discard("")
-    listed.add(PAGES[0]) if "#" in "".join(links) or not listed else None
-    assert set(PAGES[1:]) <= listed, f"sidebar lists {sorted(listed)}, _toc.yml has {PAGES}"
-    # The root page is the book's home: its title links to it.
-    assert v.page.locator(".navbar-brand").get_attribute("href") in (f"{PAGES[0]}.html", "#")
+    # On the root page its own link is "#"; every other page links to NAME.html. Numbered parts prefix "3. ".
+    listed = [(PAGES[0] if href == "#" else href.removesuffix(".html"), re.sub(r"^[\d.]+\s+", "", title))
+              for href, title in links]
+    assert listed == [(page, page_title(page)) for page in PAGES]
     assert not v.problems(), v.problems()
 
 
@@ -150,6 +161,12 @@ def test_page_renders_offline(visit, workspace: booktools.Workspace, page: str) 
         v.page.wait_for_selector(".jupyter-widgets", timeout=20_000)
         rendered = v.page.locator(".jupyter-widgets.widget-subarea, .widget-subarea > .jupyter-widgets").count()
         assert rendered >= n_views, f"{page}: {rendered} of {n_views} saved widgets rendered"
+    if (BOOK / f"{page}.ipynb").is_file():  # a chapter: its Colab button opens this very notebook
+        config = booktools.read_config(BOOK)
+        repo = urlparse(booktools.repository_url(BOOK)).path.strip("/")
+        branch, folder = config["repository"]["branch"], config["repository"]["path_to_book"]
+        colab = f"{config['launch_buttons']['colab_url']}/github/{repo}/blob/{branch}/{folder}/{page}.ipynb"
+        assert v.page.locator(f'a[href="{colab}"]').count() == 1, f"{page}: no launch button to {colab}"
     shots = workspace.root / "_screenshots"
     shots.mkdir(exist_ok=True)
     v.page.screenshot(path=str(shots / f"{page}.png"))
