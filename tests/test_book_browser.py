@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import nbformat
 import pytest
+from playwright import sync_api  # the dev extra: a missing browser stack fails, never skips
 
 BOOK = Path(__file__).resolve().parents[1] / "book"
 sys.path.insert(0, str(BOOK))
@@ -25,10 +26,6 @@ import booktools  # noqa: E402
 CHROMIUM = "/usr/bin/chromium"  # Debian's package; never `playwright install`
 PAGES = booktools.toc_files(BOOK)
 LOCAL_SCHEMES = {"data", "blob", "about"}
-
-sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
-if not Path(CHROMIUM).is_file():
-    pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +57,8 @@ def site(workspace: booktools.Workspace) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator["sync_api.Browser"]:
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium", pytrace=False)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
