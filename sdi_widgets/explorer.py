@@ -25,7 +25,7 @@ import torch
 from sdi.influence import InfluenceResult
 
 from .data import ExplorerData, Ranking
-from .figure import GREEN, RED, StepFigure, diverging_colors, rank_colors
+from .figure import DOWN, GREEN, RED, UP, StepFigure, diverging_colors, rank_colors
 from .static import render_html, write_atomic
 
 MONO = "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace"
@@ -207,11 +207,11 @@ def movement_html(prev: int, move: int, k: int) -> str:
     if prev == 0:
         return '<span style="color:#999">·</span>'
     if prev > k:
-        return f'<span style="color:{GREEN}" title="rank {prev} at the previous iteration">★ new <small>({prev})</small></span>'
+        return f'<span style="color:{UP}" title="rank {prev} at the previous iteration">★ new <small>({prev})</small></span>'
     if move > 0:
-        return f'<span style="color:{GREEN}">▲{move}</span>'
+        return f'<span style="color:{UP}">▲{move}</span>'
     if move < 0:
-        return f'<span style="color:{RED}">▼{-move}</span>'
+        return f'<span style="color:{DOWN}">▼{-move}</span>'
     return '<span style="color:#999">=</span>'
 
 

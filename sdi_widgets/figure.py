@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-GREEN, RED, WHITE = "#1b7837", "#b2182b", "#f7f7f7"
+GREEN, RED = "#1b7837", "#b2182b"   # proponents, opponents
+UP, DOWN = "#2166ac", "#8c8c8c"      # rank movement: blue up, grey down (green/red already mean the sign)
 
 
 def rank_colors(k: int, sign: str) -> list[str]:

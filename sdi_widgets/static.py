@@ -29,7 +29,7 @@ import torch
 from sdi.influence import InfluenceResult
 
 from .data import SIGNS, ExplorerData
-from .figure import GREEN, RED, rank_colors
+from .figure import DOWN, GREEN, RED, UP, rank_colors
 
 
 def write_html(
@@ -57,6 +57,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a page is meant to be served and shared
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -176,7 +177,7 @@ CSS = r"""
 #ROOT td.num, #ROOT th.num { text-align: right; }
 #ROOT td.text { white-space: pre; }
 #ROOT tr:hover td { background: #f5f5f5; }
-#ROOT .up { color: GREEN; } #ROOT .down { color: RED; } #ROOT .same, #ROOT .first { color: #999; }
+#ROOT .up { color: UP; } #ROOT .down { color: DOWN; } #ROOT .same, #ROOT .first { color: #999; }
 #ROOT .flip { color: #b35806; font-weight: 600; font-family: system-ui, sans-serif; }
 #ROOT .swatch { display: inline-block; width: 10px; height: 10px; }
 #ROOT .sbar { display: inline-block; width: 48px; height: 8px; background: #eee; margin-right: 4px; vertical-align: middle; }
@@ -186,7 +187,7 @@ CSS = r"""
 #ROOT svg text { font-size: 9px; fill: #333; }
 #ROOT svg text.mono { font-size: 8px; }
 #ROOT .caption { font-size: 12px; margin: 2px 0 4px 0; }
-""".replace("GREEN", GREEN).replace("RED", RED)
+""".replace("GREEN", GREEN).replace("RED", RED).replace("UP", UP).replace("DOWN", DOWN)
 
 JS = r"""
 (function () {
@@ -213,6 +214,7 @@ JS = r"""
     const s = (a !== 0 && (a < 1e-4 || a >= 1e4)) ? a.toExponential(2) : String(Number(a.toPrecision(3)));
     return (v < 0 ? "−" : "+") + s;
   }
+  function sub(text) { return el("svg:tspan", { "baseline-shift": "sub", "font-size": "7px", text: text }); }
   function short(t, n) { return t.length <= n ? t : t.slice(0, n - 1) + "…"; }
   function trainText(i) { return D.train.text[trainPos.get(i)]; }
   function trainLabel(i) { return D.train.label ? D.train.label[trainPos.get(i)] : ""; }
@@ -302,7 +304,8 @@ JS = r"""
     caption.append(el("b", { text: `Top ${D.k} ${sign}` }),
       ` (${sign === "proponents" ? "push the query's loss down" : "push the query's loss up"}) at iteration t = ${t + 1}`);
     const head = el("tr", {}, [["#", "num"], ["move", ""], ["", ""], ["train", "num"], ["prompt", ""], ["answer", ""],
-      ["SDI_" + (t + 1), "num"], ["TracIn", "num"]].map(([h, c]) => el("th", { class: c, text: h })));
+      [["SDI", el("sub", { text: String(t + 1) })], "num"], ["TracIn", "num"]].map(([h, c]) =>
+        el("th", { class: c }, Array.isArray(h) ? h : [h])));
     const body = top.map((i, r) => {
       const label = el("td", { class: "mono" }, [el("b", { text: trainLabel(i) })]);
       if (flipped.has(i)) label.append(" ", el("span", { class: "flip", title: "label flipped (corrupted) on purpose", text: "⚑ flipped" }));
@@ -343,19 +346,20 @@ JS = r"""
     let tlo = 0, thi = 0;
     for (const r of union) { tlo = Math.min(tlo, v.tracin[r]); thi = Math.max(thi, v.tracin[r]); }
     const tpad = 0.08 * ((thi - tlo) || 1); tlo -= tpad; thi += tpad;
-    const L = 46, R = 330, TOP = 18, B = 170, BL = 350, BR = 452;
+    const L = 58, R = 334, TOP = 18, B = 170, BL = 352, BR = 452;
     const x = s => L + (R - L) * (D.T === 1 ? 0.5 : s / (D.T - 1));
     const y = val => B - (B - TOP) * (val - lo) / (hi - lo);
     const bx = val => BL + (BR - BL) * (val - tlo) / (thi - tlo);
     traj.textContent = "";
-    traj.append(el("svg:text", { x: L, y: 11, text: `SDI_t of the current top-${D.k}, query ${S.query}` }),
-                el("svg:text", { x: BL, y: 11, text: "TracIn = Σ_t" }),
+    traj.append(el("svg:text", { x: L, y: 11 }, ["SDI", sub("t"), ` of the current top-${D.k}, query ${S.query}`]),
+                el("svg:text", { x: BL, y: 11 }, ["TracIn = Σ", sub("t")]),
                 el("svg:line", { x1: L, x2: R, y1: y(0), y2: y(0), stroke: "#999", "stroke-width": 0.6 }),
                 el("svg:line", { x1: L, x2: L, y1: TOP, y2: B, stroke: "#333", "stroke-width": 0.8 }),
                 el("svg:line", { x1: L, x2: R, y1: B, y2: B, stroke: "#333", "stroke-width": 0.8 }),
                 el("svg:text", { x: L - 4, y: y(hi - pad) + 3, "text-anchor": "end", text: fmt(hi - pad) }),
                 el("svg:text", { x: L - 4, y: y(lo + pad) + 3, "text-anchor": "end", text: fmt(lo + pad) }),
-                el("svg:text", { x: L - 4, y: y(0) + 3, "text-anchor": "end", text: "0" }),
+                el("svg:text", { x: L - 4, y: y(0) + 3, "text-anchor": "end",
+                                 text: Math.min(y(0) - y(hi - pad), y(lo + pad) - y(0)) > 12 ? "0" : "" }),
                 el("svg:text", { x: (L + R) / 2, y: B + 26, "text-anchor": "middle", text: "iteration t" }));
     const every = Math.ceil(D.T / 12);
     for (let s = 0; s < D.T; s += every) traj.append(el("svg:text", { x: x(s), y: B + 12, "text-anchor": "middle", text: String(s + 1) }));
@@ -395,7 +399,7 @@ JS = r"""
     for (const i of rows) for (const x of v.sdi[rowOf.get(i)]) vmax = Math.max(vmax, Math.abs(x));
     vmax = vmax || 1;
     heat.textContent = "";
-    heat.append(el("svg:text", { x: L, y: 11, text: `SDI_t of the examples that reach the top-${D.k} (${sign})` }));
+    heat.append(el("svg:text", { x: L, y: 11 }, ["SDI", sub("t"), ` of the examples that reach the top-${D.k} (${sign}); ▸ = in the top-${D.k} now`]));
     const current = new Set(v.top[sign][t]);
     rows.forEach((i, r) => {
       const vals = v.sdi[rowOf.get(i)];

@@ -272,6 +272,7 @@ def test_save_html_carries_current_state_and_exact_rankings(explorer, result, tm
         assert view["tracin"][row] == pytest.approx(float(result.tracin[i, 1]), rel=1e-3)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing is fetched
     assert not list(tmp_path.glob("sub/*.tmp"))
+    assert path.stat().st_mode & 0o044  # readable by others (a web server), not private like a temp file
 
 
 def test_page_data_is_compact():
