@@ -85,7 +85,9 @@ class ExplorerData:
         self.n_train, self.n_query, self.n_steps = N, Q, T
         self.train_texts = _check_strings("train_texts", train_texts, N, "N_train (result.sdi.shape[0])")
         self.query_texts = _check_strings("query_texts", query_texts, Q, "N_query (result.sdi.shape[1])")
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= N:
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise TypeError(f"k must be an int in [1, N_train={N}], got {type(k).__name__} {k!r}")
+        if not 1 <= k <= N:
             raise ValueError(f"k must be an int in [1, N_train={N}], got {k!r}")
         self.k = k
         self.train_labels = (None if train_labels is None
@@ -141,9 +143,6 @@ class ExplorerData:
             if len(rows) == max_rows:
                 break
         return list(rows)
-
-    def answer(self, query: int, step: int) -> str | None:
-        return None if self.query_answers is None else self.query_answers[query][step]
 
     def is_right(self, query: int, step: int) -> bool | None:
         """Whether the model's answer after iteration ``step + 1`` is right; None when unknown."""

@@ -66,6 +66,7 @@ class InfluenceExplorer(widgets.VBox):
         self.data = data
         self.max_heat_rows = max_heat_rows
         T = data.n_steps
+        self._labels = [data.query_label(q) for q in range(data.n_query)]
         self.filter = widgets.Text(placeholder="filter prompts…", description="prompt",
                                    layout=widgets.Layout(width="220px"))
         self.query = widgets.Dropdown(options=self._query_options(""), value=0,
@@ -86,8 +87,8 @@ class InfluenceExplorer(widgets.VBox):
 
         picker = widgets.HBox([self.filter, self.query] + ([self.checkpoint] if data.n_views > 1 else []))
         scrubber = widgets.HBox([self.play, self.step, self.sign])
-        body = widgets.HBox([self.table, widgets.VBox([self.plot, self.heatmap])],
-                            layout=widgets.Layout(align_items="flex-start", grid_gap="12px"))
+        plots = widgets.VBox([self.plot, self.heatmap], layout=widgets.Layout(margin="0 0 0 14px"))
+        body = widgets.HBox([self.table, plots], layout=widgets.Layout(align_items="flex-start"))
         super().__init__(children=[picker, self.answers, scrubber, body])
 
         self.filter.observe(self._on_filter, names="value")
@@ -117,8 +118,7 @@ class InfluenceExplorer(widgets.VBox):
     # -- events --------------------------------------------------------------------------------------
     def _query_options(self, text: str) -> list[tuple[str, int]]:
         needle = text.strip().lower()
-        return [(self.data.query_label(q), q) for q in range(self.data.n_query)
-                if needle in self.data.query_label(q).lower()]
+        return [(label, q) for q, label in enumerate(self._labels) if needle in label.lower()]
 
     def _on_filter(self, change) -> None:
         options = self._query_options(change["new"])
@@ -127,9 +127,17 @@ class InfluenceExplorer(widgets.VBox):
             self.filter.description = "no match"
             return
         self.filter.description = "prompt"
-        with self.hold_trait_notifications():
+        choice = current if current in [q for _, q in options] else options[0][1]
+        # Replacing the options makes the dropdown select its first one for a moment: render once, at the end.
+        self.query.unobserve(self._on_view, names="value")
+        try:
             self.query.options = options
-            self.query.value = current if current in [q for _, q in options] else options[0][1]
+            self.query.value = choice
+        finally:
+            self.query.observe(self._on_view, names="value")
+        if choice != current:
+            self._render_query()
+            self._render_step()
 
     def _on_view(self, change) -> None:
         if change["new"] is None:

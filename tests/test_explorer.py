@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import sdi
 from sdi import InfluenceResult, LoopedGPT, LoopedGPTConfig
 from sdi.tasks import parity
 from sdi_widgets import ExplorerData, InfluenceExplorer, explorer_inputs, render_html, write_html
@@ -303,8 +302,8 @@ def test_html_escapes_texts_and_json(result, tmp_path):
     (dict(train_texts=list(range(N))), TypeError, r"train_texts\[0\] must be a str"),
     (dict(k=N + 1), ValueError, r"k must be an int in \[1, N_train=40\]"),
     (dict(k=0), ValueError, r"k must be an int in \[1, N_train=40\]"),
-    (dict(k=2.0), ValueError, r"k must be an int"),
-    (dict(k=True), ValueError, r"k must be an int"),
+    (dict(k=2.0), TypeError, r"k must be an int .*got float"),
+    (dict(k=True), TypeError, r"k must be an int .*got bool"),
     (dict(flipped=[N]), ValueError, r"flipped indices must lie in \[0, N_train=40\)"),
     (dict(flipped=[0.5]), TypeError, r"flipped must hold integer"),
     (dict(query_answers=[["1"] * T] * (Q - 1)), ValueError, r"query_answers must be N_query=5 lists of T=6"),
