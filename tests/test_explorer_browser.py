@@ -171,3 +171,27 @@ def test_static_explorer_filter_and_play_from_file_url(browser, site, result):
         assert g.errors == []
     finally:
         g.close()
+
+
+def test_two_fragments_embedded_in_one_page_are_independent(browser, result, tmp_path):
+    from sdi_widgets import ExplorerData, render_html
+
+    parts = [render_html(ExplorerData(result, TRAIN_TEXTS, QUERY_TEXTS, k=k), full_page=False) for k in (3, 5)]
+    page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><style>table { font-size: 30px; }</style></head>"
+            f"<body><h1>A book page</h1>{parts[0]}<p>text between</p>{parts[1]}</body></html>")
+    (tmp_path / "book.html").write_text(page, encoding="utf-8")
+    g = Guarded(browser, "file://")
+    try:
+        g.page.goto((tmp_path / "book.html").as_uri())
+        roots = g.page.locator(".sdix")
+        assert roots.count() == 2
+        g.page.wait_for_selector(".sdix >> nth=1 >> [data-role=table] tr[data-train-index]")
+        rows = lambda n: [int(x) for x in roots.nth(n).locator("[data-role=table] tr[data-train-index]").evaluate_all(
+            "rs => rs.map(r => r.dataset.trainIndex)")]
+        assert rows(0) == topk(result.sdi[:, 0, 0])[:3] and rows(1) == topk(result.sdi[:, 0, 0])[:5]
+        roots.nth(1).locator("[data-role=step]").fill("4")
+        assert rows(1) == topk(result.sdi[:, 0, 3])[:5]
+        assert rows(0) == topk(result.sdi[:, 0, 0])[:3] and roots.nth(0).get_attribute("data-step") == "1"
+        assert g.blocked == [] and g.errors == []
+    finally:
+        g.close()
