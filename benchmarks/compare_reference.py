@@ -82,19 +82,24 @@ def sync(device: str) -> None:
 
 
 class Stopwatch:
-    """Wraps a function and accumulates the wall time spent inside it (device-synchronised)."""
+    """Wraps a function and accumulates the wall and CPU time spent inside it (device-synchronised).
+
+    CPU time (all threads of this process) hardly changes when other jobs compete for the cores, so it is
+    the steadier number on a shared machine; wall time is what a user waits.
+    """
 
     def __init__(self, fn: Callable, device: str) -> None:
-        self.fn, self.device, self.seconds, self.calls = fn, device, 0.0, 0
+        self.fn, self.device, self.seconds, self.cpu_seconds, self.calls = fn, device, 0.0, 0.0, 0
 
     def __call__(self, *args, **kwargs):
         sync(self.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         try:
             return self.fn(*args, **kwargs)
         finally:
             sync(self.device)
             self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu_start
             self.calls += 1
 
 
@@ -103,23 +108,23 @@ def load_state(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def run_plain(model, train, query, ckpts, m, device) -> tuple[torch.Tensor | None, float]:
-    """Forward + backward of the summed loss over every batch at every checkpoint: returns (None, seconds)."""
-    seconds = 0.0
+def run_plain(model, train, query, ckpts, m, device) -> tuple[None, Stopwatch]:
+    """Forward + backward of the summed loss over every batch at every checkpoint (timed: the passes)."""
+
+    def passes(batches):
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            bm.loss_fn(model, batch).sum().backward()
+
+    watch = Stopwatch(passes, device)
     for path, _eta in ckpts:
         model.load_state_dict(load_state(path)["state_dict"])
         model.eval()
-        sync(device)
-        start = time.perf_counter()
-        for batch in train + query:
-            model.zero_grad(set_to_none=True)
-            bm.loss_fn(model, batch).sum().backward()
-        sync(device)
-        seconds += time.perf_counter() - start
-    return None, seconds
+        watch(train + query)
+    return None, watch
 
 
-def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float]:
+def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopwatch]:
     """``sdi.StepInfluence(...).influence``; featurization = time inside ``sdi.influence.batch_features``."""
     import sdi
     import sdi.influence as influence_module
@@ -130,10 +135,10 @@ def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float
     influence_module.batch_features = watch
     attr = sdi.StepInfluence(model, loop=model.block, loss_fn=bm.loss_fn, sketch_dim=m, seed=0, progress=False)
     res = attr.influence(train, query, checkpoints=[(path, eta) for path, eta in ckpts])
-    return res.sdi, (watch.seconds if watch.calls else float("nan"))
+    return res.sdi, watch
 
 
-def run_ref(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float]:
+def run_ref(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopwatch]:
     """The reference's ``influence_across_checkpoints``; featurization = time inside ``featurize_loader``."""
     import sdi
 
@@ -150,7 +155,7 @@ def run_ref(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, float]
         checkpoints=[sdi.CheckpointSpec(path, eta) for path, eta in ckpts], train_loader=train,
         query_loader=query, loss_fn=bm.loss_fn, mode="sdi", load_checkpoint_fn=load_state)
     est.close()
-    return out.sdi, watch.seconds
+    return out.sdi, watch
 
 
 RUNNERS = {"plain": run_plain, "ours_exact": run_ours, "ours_sketch": run_ours,
@@ -188,10 +193,12 @@ def worker(method: str, m: int | None, workdir: Path, tag: str) -> None:
     result["base_rss_mb"] = rss_mb("VmRSS") if resettable else process_peak_rss_mb()
     try:
         sync(device)
-        start = time.perf_counter()
-        sdi_tensor, featurize_s = RUNNERS[method](model, train, query, ckpts, m, device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        sdi_tensor, watch = RUNNERS[method](model, train, query, ckpts, m, device)
         sync(device)
-        result.update(status="ok", total_s=time.perf_counter() - start, featurize_s=featurize_s)
+        result.update(status="ok", total_s=time.perf_counter() - start, total_cpu_s=time.process_time() - cpu_start,
+                      featurize_s=watch.seconds if watch.calls else None,
+                      featurize_cpu_s=watch.cpu_seconds if watch.calls else None)
         if sdi_tensor is not None:
             torch.save(sdi_tensor.detach().float().cpu(), workdir / f"sdi_{tag}.pt")
     except Exception as e:  # reported in the table; the other methods still run
@@ -373,17 +380,16 @@ def fmt(value: Any, spec: str = ".2f") -> str:
 
 
 def table(results: list[dict]) -> str:
-    head = ("| method | m | width | total s | featurize s | influence s | peak RSS MB | Δ RSS MB "
+    head = ("| method | m | width | total s | total CPU s | featurize s | featurize CPU s | peak RSS MB | Δ RSS MB "
             f"| rel err | pearson | top-{TOP_K} | status |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         acc = r.get("accuracy", {})
-        total, feat = r.get("total_s"), r.get("featurize_s")
-        infl = total - feat if total is not None and feat is not None and feat == feat else None
         delta = r["peak_rss_mb"] - r["base_rss_mb"] if "peak_rss_mb" in r else None
         lines.append(
-            f"| {r['method']} | {fmt(r['m'], 'd')} | {fmt(r.get('width'), ',d')} | {fmt(total, '.1f')} "
-            f"| {fmt(feat, '.1f')} | {fmt(infl, '.1f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(delta, '.0f')} "
+            f"| {r['method']} | {fmt(r['m'], 'd')} | {fmt(r.get('width'), ',d')} | {fmt(r.get('total_s'), '.1f')} "
+            f"| {fmt(r.get('total_cpu_s'), '.1f')} | {fmt(r.get('featurize_s'), '.1f')} "
+            f"| {fmt(r.get('featurize_cpu_s'), '.1f')} | {fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(delta, '.0f')} "
             f"| {fmt(acc.get('rel_err'), '.4f')} | {fmt(acc.get('pearson'), '.4f')} "
             f"| {fmt(acc.get(f'top{TOP_K}'), '.3f')} | {r['status']} |")
     return "\n".join(lines)
@@ -393,8 +399,15 @@ def ok(results: list[dict], method: str) -> list[dict]:
     return [r for r in results if r["method"] == method and r["status"] == "ok"]
 
 
+def time_ratio(a: dict, b: dict, key: str) -> dict[str, float] | None:
+    """``a / b`` for wall time (``<key>_s``) and CPU time (``<key>_cpu_s``)."""
+    if a.get(f"{key}_s") is None or b.get(f"{key}_s") is None:
+        return None
+    return {"wall": a[f"{key}_s"] / b[f"{key}_s"], "cpu": a[f"{key}_cpu_s"] / b[f"{key}_cpu_s"]}
+
+
 def ratios(results: list[dict]) -> dict[str, Any]:
-    """The issue's targets, each as a ratio taken from this run."""
+    """The issue's targets, each as a ratio taken from this run (time ratios as wall and CPU time)."""
     out: dict[str, Any] = {}
     plain = ok(results, "plain")
     ours_exact, ref_exact = ok(results, "ours_exact"), ok(results, "ref_exact")
@@ -410,21 +423,22 @@ def ratios(results: list[dict]) -> dict[str, Any]:
                 and s["accuracy"][key] >= ra[key]]
         entry = {"ref_m": ref["m"], "ref_rel_err": ra["rel_err"], f"ref_{key}": ra[key], "ours_m": None}
         if good:
-            best = min(good, key=lambda s: s["total_s"])
-            entry.update(ours_m=best["m"], time_ratio=best["total_s"] / ref["total_s"],
+            best = min(good, key=lambda s: s["total_cpu_s"])  # CPU time: steadier than wall time when shared
+            entry.update(ours_m=best["m"], ours_rel_err=best["accuracy"]["rel_err"],
+                         **{f"ours_{key}": best["accuracy"][key]}, time_ratio=time_ratio(best, ref, "total"),
                          memory_ratio=best["peak_rss_mb"] / ref["peak_rss_mb"],
                          memory_delta_ratio=(best["peak_rss_mb"] - best["base_rss_mb"])
                          / max(1e-9, ref["peak_rss_mb"] - ref["base_rss_mb"]))
         matched.append(entry)
     out["sketch_vs_ref_projected"] = matched
-    # 2. sketched featurization vs the plain forward + backward floor
+    # 2. featurization vs the plain forward + backward floor
     if plain:
-        out["sketch_featurize_over_plain"] = {s["m"]: s["featurize_s"] / plain[0]["featurize_s"] for s in sketches}
+        out["sketch_featurize_over_plain"] = {s["m"]: time_ratio(s, plain[0], "featurize") for s in sketches}
         if ours_exact:
-            out["exact_featurize_over_plain"] = ours_exact[0]["featurize_s"] / plain[0]["featurize_s"]
+            out["exact_featurize_over_plain"] = time_ratio(ours_exact[0], plain[0], "featurize")
     # 3. exact path vs the reference's exact path
     if ours_exact and ref_exact:
-        out["exact_time_ratio"] = ours_exact[0]["total_s"] / ref_exact[0]["total_s"]
+        out["exact_time_ratio"] = time_ratio(ours_exact[0], ref_exact[0], "total")
         out["exact_memory_ratio"] = ours_exact[0]["peak_rss_mb"] / ref_exact[0]["peak_rss_mb"]
         if ours_exact[0].get("sdi_file") and ref_exact[0].get("sdi_file"):
             a = torch.load(ours_exact[0]["sdi_file"], weights_only=True)
@@ -433,23 +447,27 @@ def ratios(results: list[dict]) -> dict[str, Any]:
     return out
 
 
+def fmt_ratio(r: dict[str, float] | None) -> str:
+    return "–" if r is None else f"{r['wall']:.2f} wall / {r['cpu']:.2f} CPU"
+
+
 def ratio_report(r: dict[str, Any]) -> str:
-    lines = ["Targets (ratios from this run):"]
+    lines = ["Targets (ratios from this run; wall time is noisy on a shared machine, CPU time less so):"]
     for e in r.get("sketch_vs_ref_projected", []):
         head = (f"- ref_projected m={e['ref_m']} (rel err {e['ref_rel_err']:.4f}, top-{TOP_K} "
                 f"{e[f'ref_top{TOP_K}']:.3f}): ")
         if e["ours_m"] is None:
             lines.append(head + "no ours_sketch run reached equal or lower error and equal or higher overlap")
         else:
-            lines.append(head + f"cheapest ours_sketch at <= error is m={e['ours_m']}: time ratio "
-                         f"{e['time_ratio']:.2f} (target <= 0.33), peak RSS ratio {e['memory_ratio']:.2f} "
+            lines.append(head + f"cheapest ours_sketch at <= error is m={e['ours_m']}: total time ratio "
+                         f"{fmt_ratio(e['time_ratio'])} (target <= 0.33), peak RSS ratio {e['memory_ratio']:.2f} "
                          f"(target <= 0.33; above-baseline ratio {e['memory_delta_ratio']:.2f})")
     for m, v in r.get("sketch_featurize_over_plain", {}).items():
-        lines.append(f"- ours_sketch m={m} featurization / plain fwd+bwd: {v:.2f} (target <= 2)")
+        lines.append(f"- ours_sketch m={m} featurization / plain fwd+bwd: {fmt_ratio(v)} (target <= 2)")
     if "exact_featurize_over_plain" in r:
-        lines.append(f"- ours_exact featurization / plain fwd+bwd: {r['exact_featurize_over_plain']:.2f}")
+        lines.append(f"- ours_exact featurization / plain fwd+bwd: {fmt_ratio(r['exact_featurize_over_plain'])}")
     if "exact_time_ratio" in r:
-        lines.append(f"- ours_exact / ref_exact total time: {r['exact_time_ratio']:.2f} (target <= 1); "
+        lines.append(f"- ours_exact / ref_exact total time: {fmt_ratio(r['exact_time_ratio'])} (target <= 1); "
                      f"peak RSS ratio {r['exact_memory_ratio']:.2f}")
     if "exact_agreement_rel_err" in r:
         lines.append(f"- ours_exact vs ref_exact SDI: relative error {r['exact_agreement_rel_err']:.1e} "
