@@ -234,7 +234,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (same for every method)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak CUDA memory is reported too)")
     p.add_argument("--max-exact-gb", type=float, default=6.0,
-                   help="skip ref_exact when its stored train features (2 copies) would exceed this")
+                   help="skip ref_exact when its estimated peak (3.5 x N_train x tau x P floats) exceeds this")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per method")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/compare_<config>.json)")
     p.add_argument("--workdir", type=Path, default=None, help="keep the shared inputs and outputs here")
@@ -475,6 +475,17 @@ def ratio_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the library code came from, and which of its files differed from it during the run."""
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=bm.REPO, capture_output=True, text=True, timeout=30).stdout.rstrip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "modified": git("status", "--porcelain", "--", "sdi", "benchmarks").splitlines()}
+
+
 def write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
@@ -497,7 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_tensors, n_params = loop_shape(spec["model_config"])
     results = []
     for method, m in planned_runs(args):
-        exact_gb = 2 * args.n_train * args.tau * n_params * 4 / 1e9
+        # measured: FullGradientTracInSDI peaks at ~3.1x one float32 copy of the train features (N, T, P)
+        exact_gb = 3.5 * args.n_train * args.tau * n_params * 4 / 1e9
         if method == "ref_exact" and exact_gb > args.max_exact_gb:
             r = {"method": method, "m": m, "status": f"skipped: needs ~{exact_gb:.1f} GB (> --max-exact-gb)"}
         else:
@@ -523,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
         "checkpoint_etas": [eta for _, eta in spec["checkpoints"]],
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "code": code_version(),
         "accuracy_reference": accuracy_reference,
         "results": [{k: v for k, v in r.items() if k != "sdi_file"} for r in results],
         "ratios": rat,
