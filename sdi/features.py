@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -149,6 +149,10 @@ class Featurizer:
     def dense(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """The feature of a dense gradient (one tensor per slot): ``feature_shape``."""
         raise NotImplementedError
+
+    def check_complete(self, cap: StepCapture, true_grads: Sequence, dtype: torch.dtype) -> None:
+        """Raise if the calls featurized last do not add up to autograd's batch gradient ``true_grads``."""
+        _check_complete(cap, self, tuple(true_grads), dtype)
 
 
 class ExactFeaturizer(Featurizer):
@@ -292,7 +296,7 @@ def batch_features(
             )
     out = torch.zeros(B, T, *featurizer.feature_shape, device=losses.device, dtype=torch.float32)
     featurizer.featurize(cap, out)
-    _check_complete(cap, featurizer, true_grads, losses.dtype)
+    featurizer.check_complete(cap, true_grads, losses.dtype)
     return out, losses.detach().float()
 
 
@@ -347,14 +351,24 @@ def captured_batch_grads(cap: StepCapture, featurizer: Featurizer) -> dict[int, 
 
 def _check_complete(cap: StepCapture, featurizer: Featurizer, true_grads: tuple, dtype: torch.dtype) -> None:
     """The recorded calls must reproduce autograd's gradient of every loop parameter."""
-    captured = captured_batch_grads(cap, featurizer)
+    check_gradients_match(featurizer.slots, captured_batch_grads(cap, featurizer), true_grads, dtype)
+
+
+def check_gradients_match(slots: list[ParamSlot], captured: dict[int, torch.Tensor], expected: Sequence,
+                          dtype: torch.dtype) -> None:
+    """Raise :class:`CaptureError` naming every slot whose ``captured[id(param)]`` differs from ``expected``.
+
+    ``expected`` holds autograd's batch gradient per slot (None = unused), or any fixed linear image of it
+    (a sketch) as long as ``captured`` lives in the same space.
+    """
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
     missing = []
-    for s, g in zip(featurizer.slots, true_grads):
-        g = torch.zeros(s.shape, device=s.param.device) if g is None else g.float()
+    for s, g in zip(slots, expected):
+        got = captured[id(s.param)]
+        g = torch.zeros_like(got) if g is None else g.float()
         if not torch.isfinite(g).all():
             raise FloatingPointError(f"the gradient of parameter '{s.name}' is not finite")
-        diff = (captured[id(s.param)] - g).norm()
+        diff = (got - g).norm()
         if diff > tol * g.norm() + 1e-7 * (1 + g.numel() ** 0.5):
             missing.append(f"{s.name} (relative error {float(diff / g.norm().clamp_min(1e-30)):.1e})")
     if missing:

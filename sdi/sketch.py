@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 
 from .capture import LeafCalls, ParamSlot, StepCapture
-from .features import (Featurizer, embedding_factors, generic_per_example_grads, leaf_kind, linear_factors,
-                       norm_factors)
+from .features import (Featurizer, check_gradients_match, embedding_factors, generic_per_example_grads, leaf_kind,
+                       linear_factors, norm_factors)
 
 #: Default sketch width ``m``. On the default-size models (LoopedGPT, d_model 64, one layer per loop, tau 4..8,
 #: parity and variable chains, 3 checkpoints) it keeps the SDI within 5% relative Frobenius error of the exact
@@ -45,6 +45,9 @@ DEFAULT_SKETCH_DIM = 16384
 
 #: Largest temporary a kernel allocates, in float32 elements (the peak is a small multiple of it).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
+
+#: Block of per-example outer products formed at once by the direct kernel (float32 elements, ~1 MB).
+OUTER_BLOCK_ELEMENTS = 1 << 18
 
 HASH_VERSION = "splitmix64-v1"
 
@@ -90,12 +93,17 @@ class CountSketch:
     def to(self, device: torch.device) -> "CountSketch":
         return CountSketch(self.buckets.to(device), self.signs.to(device), self.sketch_dim)
 
+    def add_into(self, target: torch.Tensor, x: torch.Tensor) -> None:
+        """``target`` (r, m) += sketch of the rows of ``x`` (r, d); ``target`` may be a strided view."""
+        target.index_add_(1, self.buckets, x.float() * self.signs)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., m), float32."""
         lead = x.shape[:-1]
-        flat = x.reshape(-1, self.size).float() * self.signs
+        flat = x.reshape(-1, self.size)
         out = torch.zeros(flat.shape[0], self.sketch_dim, device=x.device)
-        return out.index_add_(1, self.buckets, flat).reshape(*lead, self.sketch_dim)
+        self.add_into(out, flat)
+        return out.reshape(*lead, self.sketch_dim)
 
 
 @dataclass(frozen=True)
@@ -123,16 +131,20 @@ class TensorSketch:
         signs = self.rows.signs[r, None] * self.cols.signs[None, :]
         return CountSketch(buckets.reshape(-1), signs.reshape(-1), self.sketch_dim)
 
-    def __call__(self, g: torch.Tensor, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
-        """Sketch of dense matrices ``g`` (..., rows, cols) -> (..., m), a few rows at a time."""
+    def add_into(self, target: torch.Tensor, g: torch.Tensor,
+                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+        """``target`` (r, m) += sketch of dense matrices ``g`` (r, rows, cols), a block of rows at a time."""
         n_rows, n_cols = self.shape
-        lead = g.shape[:-2]
-        g = g.reshape(-1, n_rows, n_cols)
-        out = torch.zeros(g.shape[0], self.sketch_dim, device=g.device)
         step = max(1, max_chunk_elements // max(1, n_cols * g.shape[0]))
         for r0 in range(0, n_rows, step):
-            part = self.flat(r0, r0 + step)
-            out += part(g[:, r0 : r0 + step].reshape(g.shape[0], -1))
+            self.flat(r0, r0 + step).add_into(target, g[:, r0 : r0 + step].reshape(g.shape[0], -1))
+
+    def __call__(self, g: torch.Tensor, max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+        """Sketch of dense matrices ``g`` (..., rows, cols) -> (..., m)."""
+        lead = g.shape[:-2]
+        g = g.reshape(-1, *self.shape)
+        out = torch.zeros(g.shape[0], self.sketch_dim, device=g.device)
+        self.add_into(out, g, max_chunk_elements)
         return out.reshape(*lead, self.sketch_dim)
 
 
@@ -159,71 +171,74 @@ def _token_chunks(n_rows: int, n_tokens: int, per_token: int, budget: int) -> It
             yield slice(r0, r0 + rows), slice(n0, n0 + tokens)
 
 
-def tensor_sketch_fft(delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch,
-                      budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
+def tensor_sketch_fft(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch,
+                      budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
     """Spectra of the sketches of ``G_r = sum_n delta[r, n] (x) a[r, n]``, never forming ``G``.
 
-    delta: (R, N, rows), a: (R, N, cols). Yields ``(row_slice, spectrum (rows_in_slice, m // 2 + 1))``
-    complex64 blocks (a row may appear in several blocks, one per token chunk; add them up). ``irfft`` of the
-    spectrum is the sketch; it is linear, so spectra of many parameters can be summed before one ``irfft``.
+    delta: (R, N, rows), a: (R, N, cols); ``target`` (R, m // 2 + 1) complex64 += the spectra. ``irfft`` of
+    a spectrum is the sketch; it is linear, so the spectra of many parameters and layers are summed first and
+    inverted once. Returns the spectrum of the sketch of ``sum_r G_r`` (m // 2 + 1,).
     """
     m = spec.sketch_dim
     R, N, _ = a.shape
+    total = torch.zeros(m // 2 + 1, dtype=torch.complex64, device=a.device)
     for rows, toks in _token_chunks(R, N, 2 * m, budget):
         d_part = delta[rows, toks]
         r = d_part.shape[0]
-        d_blk = (d_part * spec.rows.signs).reshape(-1, delta.shape[-1])
-        a_blk = (a[rows, toks] * spec.cols.signs).reshape(-1, a.shape[-1])
-        both = torch.zeros(2, d_blk.shape[0], m, device=a.device)
-        both[0].index_add_(1, spec.rows.buckets, d_blk)
-        both[1].index_add_(1, spec.cols.buckets, a_blk)
+        both = torch.zeros(2, d_part.shape[0] * d_part.shape[1], m, device=a.device)
+        spec.rows.add_into(both[0], d_part.reshape(-1, delta.shape[-1]))
+        spec.cols.add_into(both[1], a[rows, toks].reshape(-1, a.shape[-1]))
         f = torch.fft.rfft(both)
-        prod = f[0].mul_(f[1])                                     # (r * n, K)
-        spectrum = torch.view_as_real(prod).reshape(r, -1, m // 2 + 1, 2).sum(1)
-        yield rows, torch.view_as_complex(spectrum)
+        prod = f[0].mul_(f[1])                                       # (r * n, K): one token each
+        spectrum = torch.view_as_complex(torch.view_as_real(prod).reshape(r, -1, m // 2 + 1, 2).sum(1))
+        target[rows] += spectrum
+        total += spectrum.sum(0)
+    return total
 
 
-def tensor_sketch_outer(delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch, flat: CountSketch | None = None,
-                        budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
-    """The same sketches by the direct route: form ``G`` for a block of rows, scatter it into ``m`` buckets.
+def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch,
+                        flat: CountSketch | None = None, budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+    """The same sketches by the direct route: form ``G`` for a block of examples, scatter it into ``m`` buckets.
 
-    Cheaper than the FFT for small ``rows x cols``; ``budget`` bounds ``G``'s block (examples x out-rows).
-    Yields ``(row_slice, sketch (rows_in_slice, m))`` float32 blocks to be added up.
+    Cheaper than the FFT for small ``rows x cols``. ``target`` (R, m) float32 += the sketches. The block
+    (examples x out-rows x cols) stays near the size of a CPU L2 cache, so the scatter reads ``G`` while it is
+    still there, and never exceeds ``budget``. Returns ``sum_r G_r`` (rows, cols), the batch gradient.
     """
     n_out, n_in = spec.shape
     R = a.shape[0]
+    budget = min(budget, OUTER_BLOCK_ELEMENTS)
     out_step = max(1, min(n_out, budget // n_in))
     ex_step = max(1, budget // (out_step * n_in))
-    d_signed = delta * spec.rows.signs
+    d_signed = delta * spec.rows.signs                               # signs folded into the factors
     a_signed = a * spec.cols.signs
+    total = torch.zeros(n_out, n_in, device=a.device)
     for o0 in range(0, n_out, out_step):
-        if out_step == n_out and flat is not None:
-            buckets = flat.buckets
-        else:
-            buckets = spec.flat(o0, o0 + out_step).buckets
+        buckets = flat.buckets if out_step == n_out and flat is not None else spec.flat(o0, o0 + out_step).buckets
+        signed_sum = total[o0 : o0 + out_step]
         for r0 in range(0, R, ex_step):
             g = torch.bmm(d_signed[r0 : r0 + ex_step, :, o0 : o0 + out_step].transpose(1, 2),
-                          a_signed[r0 : r0 + ex_step])               # (r, out_rows, n_in), signs folded in
-            g = g.reshape(g.shape[0], -1)
-            out = torch.zeros(g.shape[0], spec.sketch_dim, device=a.device).index_add_(1, buckets, g)
-            yield slice(r0, r0 + g.shape[0]), out
+                          a_signed[r0 : r0 + ex_step])                 # (r, out_rows, n_in)
+            signed_sum += g.sum(0)
+            target[r0 : r0 + ex_step].index_add_(1, buckets, g.reshape(g.shape[0], -1))
+    return total.mul_(spec.rows.signs[:, None]).mul_(spec.cols.signs[None, :])
 
 
-def embedding_sketch(ids: torch.Tensor, delta: torch.Tensor, spec: TensorSketch,
-                     budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Sketch of an embedding gradient ``sum_n onehot(ids[r, n]) (x) delta[r, n]``: the one-hot's CountSketch is
-    a lookup, so each token scatters its ``d`` values at ``h_r(id) + h_c(j)``. ids: (R, N), delta: (R, N, d)."""
+def embedding_sketch(target: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, spec: TensorSketch,
+                     budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
+    """Sketch of an embedding gradient ``sum_n onehot(ids[r, n]) (x) delta[r, n]`` into ``target`` (R, m).
+
+    The one-hot's CountSketch is a lookup, so each token scatters its ``d`` values at ``h_r(id) + h_c(j)``.
+    ids: (R, N), delta: (R, N, d).
+    """
     R, N, d = delta.shape
     m = spec.sketch_dim
     step = max(1, budget // max(1, N * d))
     for r0 in range(0, R, step):
-        blk = slice(r0, r0 + step)
-        row_ids = ids[blk]
+        row_ids = ids[r0 : r0 + step]
         buckets = (spec.rows.buckets[row_ids].unsqueeze(-1) + spec.cols.buckets) % m      # (r, N, d)
-        values = delta[blk] * spec.rows.signs[row_ids].unsqueeze(-1) * spec.cols.signs
+        values = delta[r0 : r0 + step] * spec.rows.signs[row_ids].unsqueeze(-1) * spec.cols.signs
         r = values.shape[0]
-        out = torch.zeros(r, m, device=delta.device)
-        yield blk, out.scatter_add_(1, buckets.reshape(r, -1), values.reshape(r, -1))
+        target[r0 : r0 + r].scatter_add_(1, buckets.reshape(r, -1), values.reshape(r, -1))
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -263,32 +278,50 @@ def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, n
 
 # ------------------------------------------------------------------------------------------ featurizer
 
-class _Accumulator:
-    """Adds sketches into ``out`` viewed as (B * T * G, m); FFT-domain parts go to one spectrum, inverted once."""
+class _BatchTarget:
+    """Where one batch's sketches go: ``out`` (B, T, G, m) directly, FFT-domain parts into one spectrum.
 
-    def __init__(self, out: torch.Tensor, sketch_dim: int) -> None:
+    It also keeps each parameter's batch total — its batch gradient (parameter space) or, for FFT-sketched
+    weights, the spectrum of its sketch — for :meth:`SketchFeaturizer.check_complete`.
+    """
+
+    def __init__(self, out: torch.Tensor, sketch_dim: int, n_groups: int) -> None:
         self.out = out
-        self.time = out if out.is_contiguous() else torch.zeros_like(out)
-        self.time = self.time.view(-1, sketch_dim)
+        self.buf = out if out.is_contiguous() else torch.zeros_like(out)
+        self.time = self.buf.view(out.shape[0], out.shape[1], n_groups, sketch_dim)
         self.m = sketch_dim
         self.spectrum: torch.Tensor | None = None
+        self.dense_totals: dict[int, torch.Tensor] = {}
+        self.freq_totals: dict[int, torch.Tensor] = {}
 
-    def add(self, index: torch.Tensor, values: torch.Tensor) -> None:
-        """Add ``values`` (r, m) float or (r, m // 2 + 1) complex to the rows ``index`` (r,)."""
-        if values.is_complex():
-            if self.spectrum is None:
-                self.spectrum = torch.zeros(self.time.shape[0], self.m // 2 + 1, dtype=torch.complex64,
-                                            device=values.device)
-            self.spectrum.index_add_(0, index, values)
-        else:
-            self.time.index_add_(0, index, values)
+    def rows(self, step: int, group: int) -> torch.Tensor:
+        """(B, m) view of ``out`` at one step and group."""
+        return self.time[:, step, group]
+
+    def freq_rows(self, step: int, group: int) -> torch.Tensor:
+        """(B, m // 2 + 1) complex view of the spectrum at one step and group."""
+        if self.spectrum is None:
+            self.spectrum = torch.zeros(*self.time.shape[:-1], self.m // 2 + 1, dtype=torch.complex64,
+                                        device=self.time.device)
+        return self.spectrum[:, step, group]
+
+    def total(self, slot: ParamSlot) -> torch.Tensor:
+        """The slot's batch-gradient accumulator (param shape, float32)."""
+        key = id(slot.param)
+        if key not in self.dense_totals:
+            self.dense_totals[key] = torch.zeros(slot.shape, device=self.time.device)
+        return self.dense_totals[key]
+
+    def add_freq_total(self, slot: ParamSlot, spectrum: torch.Tensor) -> None:
+        key = id(slot.param)
+        self.freq_totals[key] = self.freq_totals[key] + spectrum if key in self.freq_totals else spectrum
 
     def finish(self) -> None:
         if self.spectrum is not None:
             self.time += torch.fft.irfft(self.spectrum, n=self.m)
             self.spectrum = None
-        if self.time.data_ptr() != self.out.data_ptr():
-            self.out += self.time.view_as(self.out)
+        if self.buf is not self.out:
+            self.out += self.buf
 
 
 class SketchFeaturizer(Featurizer):
@@ -361,8 +394,8 @@ class SketchFeaturizer(Featurizer):
         return self._on_device[key]
 
     def _flat(self, slot: ParamSlot, spec: TensorSketch, device: torch.device) -> CountSketch | None:
-        """The combined hash of a small matrix, cached (None when it would exceed the chunk budget)."""
-        if slot.numel > self.max_chunk_elements:
+        """The combined hash of a small matrix, cached (None when it would exceed the outer kernel's block)."""
+        if slot.numel > OUTER_BLOCK_ELEMENTS:
             return None
         key = (id(slot.param), str(device))
         if key not in self._flat_cache:
@@ -393,15 +426,44 @@ class SketchFeaturizer(Featurizer):
 
     def featurize(self, cap: StepCapture, out: torch.Tensor) -> None:
         """Add the sketches of every recorded call to ``out`` (B, T, *feature_shape), one ``irfft`` in all."""
-        acc = _Accumulator(out, self.sketch_dim)
+        target = _BatchTarget(out, self.sketch_dim, self.n_groups)
         for rec in cap.calls.values():
-            self._add_leaf(cap, rec, acc, out.shape[0], out.shape[1])
-        acc.finish()
+            self._add_leaf(cap, rec, target)
+        target.finish()
+        self._last_batch = target
 
     def accumulate(self, cap: StepCapture, rec: LeafCalls, out: torch.Tensor) -> None:
-        acc = _Accumulator(out, self.sketch_dim)
-        self._add_leaf(cap, rec, acc, out.shape[0], out.shape[1])
-        acc.finish()
+        target = _BatchTarget(out, self.sketch_dim, self.n_groups)
+        self._add_leaf(cap, rec, target)
+        target.finish()
+
+    def check_complete(self, cap: StepCapture, true_grads: Sequence, dtype: torch.dtype) -> None:
+        """Each parameter's batch total from the featurized calls must equal autograd's batch gradient.
+
+        The totals come for free from the kernels (parameter space), except for FFT-sketched weights, whose
+        gradient is never formed: those are compared in sketch space (the sketch is linear, so a use the hooks
+        missed leaves a difference of norm ~ its gradient's).
+        """
+        batch = getattr(self, "_last_batch", None)
+        dense = batch.dense_totals if batch is not None else {}
+        freq = batch.freq_totals if batch is not None else {}
+        captured, expected = {}, []
+        for s, g in zip(self.slots, true_grads):
+            key, device = id(s.param), s.param.device
+            got = dense.get(key, torch.zeros(s.shape, device=device))
+            if key in freq:
+                spec = self.spec(s, device)
+                got = torch.fft.irfft(freq[key], n=self.sketch_dim) + self._sketch(spec, got)
+                g = None if g is None else self._sketch(spec, g.float())
+            captured[key] = got
+            expected.append(g)
+        check_gradients_match(self.slots, captured, expected, dtype)
+
+    def _sketch(self, spec: Spec, g: torch.Tensor) -> torch.Tensor:
+        """Sketch of one dense parameter-shaped tensor: (m,)."""
+        if isinstance(spec, TensorSketch):
+            return spec(g, self.max_chunk_elements)
+        return spec(g.reshape(-1))
 
     # -- per leaf ------------------------------------------------------------------------------------
     def _leaf_slots(self, rec: LeafCalls) -> list[tuple[str, ParamSlot]]:
@@ -409,58 +471,35 @@ class SketchFeaturizer(Featurizer):
         return [(attr, self.slot_of[id(p)]) for attr, p in rec.module.named_parameters(recurse=False)
                 if id(p) in self.slot_of]
 
-    def _rows(self, steps: list[int], B: int, T: int, slot: ParamSlot, device: torch.device) -> torch.Tensor:
-        """Row of ``out.view(-1, m)`` for stacked row ``c * B + b``: ``(b * T + steps[c]) * G + group``."""
-        b = torch.arange(B, device=device).repeat(len(steps))
-        t = torch.tensor(steps, device=device).repeat_interleave(B)
-        return (b * T + t) * self.n_groups + self.group_of[id(slot.param)]
-
-    def _stacks(self, rec: LeafCalls, factors: Callable) -> Iterator[tuple[list[int], tuple[torch.Tensor, ...]]]:
-        """Factors of the calls that reached the loss, concatenated over calls (bounded by the chunk budget)."""
-        steps, parts, size = [], [], 0
-        for c, step in enumerate(rec.steps):
-            if rec.grad_outputs[c][0] is None:
-                continue  # this call did not influence the loss
-            f = factors(rec, c)
-            n = sum(x.numel() for x in f)
-            if parts and (size + n > self.max_chunk_elements or
-                          any(x.shape[1:] != y.shape[1:] for x, y in zip(f, parts[0]))):
-                yield steps, tuple(torch.cat(p) for p in zip(*parts))
-                steps, parts, size = [], [], 0
-            steps.append(step)
-            parts.append(f)
-            size += n
-        if parts:
-            yield steps, tuple(torch.cat(p) for p in zip(*parts))
-
-    def _add_leaf(self, cap: StepCapture, rec: LeafCalls, acc: _Accumulator, B: int, T: int) -> None:
+    def _add_leaf(self, cap: StepCapture, rec: LeafCalls, target: _BatchTarget) -> None:
         kind = leaf_kind(rec.module)
         slots = self._leaf_slots(rec)
         if kind == "generic":
-            self._add_generic(cap, rec, slots, acc, B, T)
+            self._add_generic(cap, rec, slots, target)
             return
         factor_fn = {"linear": linear_factors, "norm": norm_factors, "embedding": embedding_factors}[kind]
-        for steps, (x, delta) in self._stacks(rec, factor_fn):
-            device = delta.device
+        for c, step in enumerate(rec.steps):
+            if rec.grad_outputs[c][0] is None:
+                continue  # this call did not influence the loss
+            x, delta = factor_fn(rec, c)
             for attr, slot in slots:
-                rows = self._rows(steps, B, T, slot, device)
-                spec = self.spec(slot, device)
-                if attr == "bias":
-                    acc.add(rows, spec(delta.sum(1)))
-                elif kind == "norm":
-                    acc.add(rows, spec((delta * x).sum(1)))
+                spec = self.spec(slot, delta.device)
+                group = self.group_of[id(slot.param)]
+                rows = target.rows(step, group)
+                if attr == "bias" or kind == "norm":
+                    g = delta.sum(1) if attr == "bias" else (delta * x).sum(1)        # (B, d)
+                    spec.add_into(rows, g)
+                    target.total(slot).add_(g.sum(0).reshape(slot.shape))
                 elif kind == "embedding":
-                    for blk, values in embedding_sketch(x, delta, spec, self.max_chunk_elements):
-                        acc.add(rows[blk], values)
+                    embedding_sketch(rows, x, delta, spec, self.max_chunk_elements)
+                    target.total(slot).index_add_(0, x.reshape(-1), delta.reshape(-1, delta.shape[-1]))
+                elif self._use_outer(spec, x.shape[1]):
+                    flat = self._flat(slot, spec, delta.device)
+                    target.total(slot).add_(tensor_sketch_outer(rows, delta, x, spec, flat, self.max_chunk_elements))
                 else:
-                    for blk, values in self._linear_weight(delta, x, slot, spec):
-                        acc.add(rows[blk], values)
-
-    def _linear_weight(self, delta: torch.Tensor, a: torch.Tensor, slot: ParamSlot,
-                       spec: TensorSketch) -> Iterator[tuple[slice, torch.Tensor]]:
-        if self._use_outer(spec, a.shape[1]):
-            return tensor_sketch_outer(delta, a, spec, self._flat(slot, spec, a.device), self.max_chunk_elements)
-        return tensor_sketch_fft(delta, a, spec, self.max_chunk_elements)
+                    spectrum = tensor_sketch_fft(target.freq_rows(step, group), delta, x, spec,
+                                                 self.max_chunk_elements)
+                    target.add_freq_total(slot, spectrum)
 
     def _use_outer(self, spec: TensorSketch, n_tokens: int) -> bool:
         """Cost model per example (rough ns on a CPU core; the ratio is what matters, GPUs agree in direction).
@@ -474,17 +513,21 @@ class SketchFeaturizer(Featurizer):
         m = spec.sketch_dim
         outer = n_out * n_in * (0.05 * n_tokens + 4.0)
         fft = n_tokens * (m * (1.0 + 0.6 * math.log2(m)) + 4.0 * (n_out + n_in))
-        return n_out * n_in <= self.max_chunk_elements and outer <= fft
+        return outer <= fft
 
     def _add_generic(self, cap: StepCapture, rec: LeafCalls, slots: list[tuple[str, ParamSlot]],
-                     acc: _Accumulator, B: int, T: int) -> None:
+                     target: _BatchTarget) -> None:
         """Dense per-example gradients of a small module of unknown kind (torch.func), then CountSketch."""
         for c, step in enumerate(rec.steps):
             if all(g is None for g in rec.grad_outputs[c]):
                 continue
             grads = generic_per_example_grads(cap, rec, c, [attr for attr, _ in slots])
             for attr, slot in slots:
-                g = grads[attr].float()
+                g = grads[attr].float()                                             # (B, *shape)
                 spec = self.spec(slot, g.device)
-                values = spec(g, self.max_chunk_elements) if isinstance(spec, TensorSketch) else spec(g.reshape(B, -1))
-                acc.add(self._rows([step], B, T, slot, g.device), values)
+                rows = target.rows(step, self.group_of[id(slot.param)])
+                if isinstance(spec, TensorSketch):
+                    spec.add_into(rows, g, self.max_chunk_elements)
+                else:
+                    spec.add_into(rows, g.reshape(g.shape[0], -1))
+                target.total(slot).add_(g.sum(0))
