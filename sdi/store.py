@@ -178,8 +178,12 @@ def resolve_checkpoints(checkpoints: Sequence[Any]) -> list[CheckpointRef]:
 
 
 def store_header(model_fp: dict, checkpoints: Sequence[dict], featurizer_fp: dict, n: int, chunk_size: int,
-                 dtype: str) -> dict[str, Any]:
-    """The part of the manifest fixed before any feature is computed (what resuming must agree with)."""
+                 dtype: str, batch_size: int | None = None) -> dict[str, Any]:
+    """The part of the manifest fixed before any feature is computed (what resuming must agree with).
+
+    ``batch_size`` is recorded because float results depend (in the last bits) on how examples are batched:
+    keeping it fixed is what makes a resumed or sharded store bit-identical to an uninterrupted one.
+    """
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -189,7 +193,7 @@ def store_header(model_fp: dict, checkpoints: Sequence[dict], featurizer_fp: dic
     return {
         "format": FORMAT, "version": VERSION, "model": dict(model_fp), "checkpoints": [dict(c) for c in checkpoints],
         "featurizer": featurizer_fp, "n": n, "chunk_size": chunk_size, "n_chunks": -(-n // chunk_size),
-        "dtype": dtype,
+        "dtype": dtype, "batch_size": batch_size,
     }
 
 
@@ -214,7 +218,8 @@ def header_differences(found: dict, expected: dict) -> list[str]:
         shown = {k: (a.get(k), b.get(k)) for k in keys if k != "params"}
         out.append(f"featurizer/sketch: differs in {keys} (store, now: {shown})")
     out += _checkpoint_differences(found["checkpoints"], expected["checkpoints"])
-    for key, what in (("n", "number of training examples N"), ("chunk_size", "chunk_size"), ("dtype", "dtype")):
+    for key, what in (("n", "number of training examples N"), ("chunk_size", "chunk_size"), ("dtype", "dtype"),
+                      ("batch_size", "batch_size")):
         if key in expected and found.get(key) != expected[key]:
             out.append(f"{what}: store {found.get(key)!r}, now {expected[key]!r}")
     return out
@@ -549,7 +554,7 @@ def featurize(
     rank, world = _dist()
     refs = resolve_checkpoints(checkpoints)
     header = store_header(model_fingerprint(attr.model), [r.identity() for r in refs], attr.fingerprint(), n,
-                          chunk_size, dtype)
+                          chunk_size, dtype, batch_size)
     root = Path(path)
     if rank == 0:
         init_store(root, header, meta)

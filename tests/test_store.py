@@ -55,7 +55,8 @@ def test_manifest_and_chunks(setup):
     assert m["format"] == "sdi-feature-store" and m["version"] == 1 and m["complete"]
     assert m["model"] == S.model_fingerprint(setup["model"])
     assert m["featurizer"] == json.loads(json.dumps(attr.fingerprint()))
-    assert (m["n"], m["chunk_size"], m["n_chunks"], m["dtype"], m["n_steps"]) == (N_TRAIN, CHUNK, 3, "float32", 3)
+    assert (m["n"], m["chunk_size"], m["n_chunks"], m["dtype"], m["n_steps"], m["batch_size"]) == \
+        (N_TRAIN, CHUNK, 3, "float32", 3, BATCH)
     assert m["feature_shape"] == [SKETCH_DIM] and m["featurizer"]["sketch_dim"] == SKETCH_DIM
     for k, c in enumerate(setup["ckpts"]):
         assert m["checkpoints"][k]["eta"] == c.lr and m["checkpoints"][k]["step"] == c.step
@@ -235,6 +236,8 @@ def test_resume_with_other_settings_or_data_is_refused(setup, tmp_path):
         featurize(setup, path, chunk_size=8)
     with pytest.raises(S.StoreMismatchError, match="dtype"):
         featurize(setup, path, dtype="float16")
+    with pytest.raises(S.StoreMismatchError, match="batch_size: store 8, now 4"):
+        featurize(setup, path, batch_size=4)
     changed = setup["train"].flip_labels(indices=[20])
     with pytest.raises(S.StoreMismatchError, match=r"training data differs in chunk 1 \(rows 16:32\)"):
         S.featurize(path, setup["attr"], changed, setup["ckpts"], chunk_size=CHUNK, batch_size=BATCH, progress=False)
