@@ -296,7 +296,8 @@ def batch_features(
             )
     out = torch.zeros(B, T, *featurizer.feature_shape, device=losses.device, dtype=torch.float32)
     featurizer.featurize(cap, out)
-    featurizer.check_complete(cap, true_grads, losses.dtype)
+    low_precision = [p.dtype for p in params if p.dtype not in (torch.float32, torch.float64)]
+    featurizer.check_complete(cap, true_grads, low_precision[0] if low_precision else losses.dtype)
     return out, losses.detach().float()
 
 
