@@ -202,13 +202,13 @@ def worker(method: str, m: int | None, workdir: Path, tag: str) -> None:
         if sdi_tensor is not None:
             torch.save(sdi_tensor.detach().float().cpu(), workdir / f"sdi_{tag}.pt")
     except Exception as e:  # reported in the table; the other methods still run
-        result.update(status=f"error: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        result.update(status=f"error: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
     # peak during the method (model, data and libraries included); the whole process's peak as a fallback
     result["peak_rss_mb"] = rss_mb("VmHWM") if resettable else process_peak_rss_mb()
     result["process_peak_rss_mb"] = process_peak_rss_mb()
     if device.startswith("cuda"):
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    (workdir / f"result_{tag}.json").write_text(json.dumps(result))
+    write_json(workdir / f"result_{tag}.json", result)
 
 
 # ============================================================================================== driver side
