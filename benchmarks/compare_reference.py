@@ -224,8 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--task", choices=("chains", "parity", "addition"), default="chains")
     p.add_argument("--train-steps", type=int, default=100, help="AdamW steps that produce the checkpoints")
-    p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384],
-                   help="ours: total sketch width m (256..16384)")
+    p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768],
+                   help="ours: total sketch width m (the library default is sdi.sketch.DEFAULT_SKETCH_DIM)")
     p.add_argument("--ref-m", type=int, nargs="*", default=[256, 1024],
                    help="reference: projection_size per parameter tensor (width = m x tensors)")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
@@ -244,7 +244,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.n_train, args.tau, args.d_model, args.k, args.train_steps = 256, 4, 64, 2, 40
-        args.sketch_m, args.ref_m = [1024, 2048, 4096, 8192, 16384], [256, 1024]
+        args.sketch_m, args.ref_m = [1024, 4096, 16384, 32768], [256, 1024]
     for name in ("n_train", "n_query", "tau", "d_model", "k", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
