@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,16 +49,42 @@ def make_task(task: str, n_train_pool: int) -> tuple[sdi.tasks.TaskDataset, sdi.
     raise ValueError(f"unknown task {task!r}")
 
 
-def trained_model(task: str, workdir: Path, steps: int) -> tuple[sdi.LoopedGPT, list, sdi.tasks.TaskDataset,
-                                                                    sdi.tasks.TaskDataset, dict]:
-    """A LoopedGPT (d_model 64, 4 heads, one layer per loop) trained on ``task``; checkpoints cached in workdir."""
-    pool, test, tau = make_task(task, 2048)
-    cfg = sdi.LoopedGPTConfig(vocab_size=len(pool.tokenizer.symbols), block_size=pool.seq_len, d_model=64,
-                              n_heads=4, n_loops=tau)
+def preset_setup(task: str):
+    """``sdi.presets.<task>_setup()`` when the presets module provides one, else None."""
+    try:
+        from sdi import presets
+    except ImportError:
+        return None
+    for name in (f"{task}_setup", f"variable_{task}_setup"):
+        if hasattr(presets, name):
+            return getattr(presets, name)()
+    return None
+
+
+def trained_model(task: str, workdir: Path, steps: int, use_preset: bool = False) -> tuple:
+    """A trained LoopedGPT and its 3 checkpoints, cached in ``workdir``.
+
+    Default: d_model 64, 4 heads, one layer per loop, ``steps`` AdamW steps. With ``use_preset`` the model, data
+    and training settings of ``sdi.presets`` (3 checkpoints, ``steps`` ignored).
+    Returns (model, [(state_dict, eta), ...], training pool, held-out set, description).
+    """
+    setup = preset_setup(task) if use_preset else None
+    if use_preset and setup is None:
+        raise SystemExit(f"sdi.presets has no setup for task {task!r}")
+    if setup is not None:
+        pool, test, cfg = setup.train, setup.test, setup.model_config
+        config = replace(setup.train_config, n_checkpoints=3)
+        tag = f"preset_{task}_{config.steps}"
+    else:
+        pool, test, tau = make_task(task, 2048)
+        cfg = sdi.LoopedGPTConfig(vocab_size=len(pool.tokenizer.symbols), block_size=pool.seq_len, d_model=64,
+                                  n_heads=4, n_loops=tau)
+        config = sdi.TrainConfig(steps=steps, batch_size=64, lr=3e-3, warmup_steps=min(50, steps // 4),
+                                 n_checkpoints=3)
+        tag = f"{task}_d64_tau{tau}_steps{steps}"
     model = sdi.LoopedGPT(cfg, seed=0)
-    ckpt_dir = workdir / f"{task}_d64_tau{tau}_steps{steps}"
+    ckpt_dir = workdir / tag
     paths = sorted(ckpt_dir.glob("ckpt_*.pt"))
-    config = sdi.TrainConfig(steps=steps, batch_size=64, lr=3e-3, warmup_steps=min(50, steps // 4), n_checkpoints=3)
     if len(paths) != 3:
         sdi.train.train(model, pool, config, checkpoint_dir=ckpt_dir, progress=False)
         paths = sorted(ckpt_dir.glob("ckpt_*.pt"))
@@ -67,7 +94,8 @@ def trained_model(task: str, workdir: Path, steps: int) -> tuple[sdi.LoopedGPT, 
         checkpoints.append((payload["state_dict"], float(payload["lr"])))
     model.load_state_dict(checkpoints[-1][0])
     model.eval()
-    info = {"task": task, "tau": tau, "d_model": 64, "train_steps": steps, "test_accuracy": accuracy(model, test),
+    info = {"task": task, "model": tag, "tau": cfg.n_loops, "d_model": cfg.d_model, "train_steps": config.steps,
+            "test_accuracy": accuracy(model, test),
             "n_params_loop": sum(p.numel() for p in model.block.parameters())}
     return model, checkpoints, pool, test, info
 
@@ -92,8 +120,8 @@ def compare(sketch: sdi.InfluenceResult, exact: sdi.InfluenceResult) -> dict[str
 
 
 def run_task(task: str, ms: list[int], seeds: list[int], n_train: int, n_query: int, steps: int,
-             workdir: Path, batch_size: int) -> dict:
-    model, checkpoints, pool, test, info = trained_model(task, workdir, steps)
+             workdir: Path, batch_size: int, use_preset: bool = False) -> dict:
+    model, checkpoints, pool, test, info = trained_model(task, workdir, steps, use_preset)
     train_b = pool.subset(range(n_train)).batches(batch_size)
     query_b = test.subset(range(n_query)).batches(batch_size)
     t0 = time.perf_counter()
@@ -131,7 +159,8 @@ def print_table(results: dict) -> None:
                   f"{mean['tracin_rel']:.4f} | {mean['conservation']:.1e} |")
     for task, res in results["tasks"].items():
         i = res["info"]
-        print(f"\n{task}: LoopedGPT d_model {i['d_model']}, tau {i['tau']}, {i['n_params_loop']} loop parameters, "
+        print(f"\n{task} ({i['model']}): LoopedGPT d_model {i['d_model']}, tau {i['tau']}, "
+              f"{i['n_params_loop']} loop parameters, "
               f"{i['train_steps']} training steps (test accuracy {i['test_accuracy']:.2f}), N_train {i['n_train']}, "
               f"{i['n_query']} queries, {i['n_checkpoints']} checkpoints")
 
@@ -147,7 +176,7 @@ def write_json(path: Path, payload: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=["parity", "chains"])
-    ap.add_argument("--m", nargs="+", type=int, default=[256, 1024, 4096, 8192, 16384])
+    ap.add_argument("--m", nargs="+", type=int, default=[256, 1024, 4096, 8192, 16384, 32768])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--n-train", type=int, default=256)
     ap.add_argument("--n-query", type=int, default=16)
@@ -157,18 +186,21 @@ def main(argv: list[str] | None = None) -> dict:
                     help="where trained checkpoints are cached between runs")
     ap.add_argument("--out", type=Path, default=RESULTS / "sketch_accuracy.json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--presets", action="store_true", help="use the models and data of sdi.presets")
     ap.add_argument("--quick", action="store_true", help="64 train examples, 4 queries, 100 steps, m 1024 and 4096")
     args = ap.parse_args(argv)
     if args.quick:
         args.n_train, args.n_query, args.train_steps, args.m, args.seeds = 64, 4, 100, [1024, 4096], [0]
         args.out = args.out.with_name("sketch_accuracy_quick.json")
+    if args.presets:
+        args.out = args.out.with_name(args.out.stem + "_presets.json")
     torch.set_num_threads(args.threads)
     results = {"tasks": {}, "default_sketch_dim": DEFAULT_SKETCH_DIM, "seeds": args.seeds,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()}}
     for task in args.tasks:
         results["tasks"][task] = run_task(task, args.m, args.seeds, args.n_train, args.n_query, args.train_steps,
-                                          args.workdir, args.batch_size)
+                                          args.workdir, args.batch_size, args.presets)
     print_table(results)
     write_json(args.out, results)
     print(f"\nwrote {args.out.relative_to(REPO) if args.out.is_relative_to(REPO) else args.out}")

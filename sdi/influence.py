@@ -198,7 +198,7 @@ class StepInfluence:
     """
 
     def __init__(self, model: nn.Module, loop: nn.Module | Sequence[nn.Module], loss_fn: Callable,
-                 sketch_dim: int | None = None, seed: int = 0, progress: bool = True,
+                 sketch_dim: int | None = DEFAULT_SKETCH_DIM, seed: int = 0, progress: bool = True,
                  groups: GroupSpec = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

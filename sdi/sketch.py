@@ -42,8 +42,8 @@ from .features import (Featurizer, check_gradients_match, embedding_factors, gen
 #: one layer per loop, tau 6 parity / tau 8 variable chains, 3 checkpoints, 256 train x 16 queries) it gives a
 #: relative Frobenius error of 0.036 (chains) / 0.016 (parity) against the exact SDI and a mean top-10 overlap
 #: of 0.976 / 0.956 per (query, step); 16384 gives 0.060 / 0.022, 24576 gives 0.042 / 0.014 (mean of 3 seeds).
-#: The error depends on how aligned the gradients are, not on the parameter count: the same m suits larger
-#: models. See benchmarks/sketch_accuracy.py.
+#: The error is set by how aligned the gradients are (relative error ~ sqrt((1 + 1/cos^2) / m)), not directly by
+#: the parameter count; check larger models with benchmarks/sketch_accuracy.py.
 DEFAULT_SKETCH_DIM = 32768
 
 #: Largest temporary a kernel allocates, in float32 elements (the peak is a small multiple of it).
@@ -204,15 +204,17 @@ def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tens
     """The same sketches by the direct route: form ``G`` for a block of examples, scatter it into ``m`` buckets.
 
     Cheaper than the FFT for small ``rows x cols``. ``target`` (R, m) float32 += the sketches. The block
-    (examples x out-rows x cols) stays near the size of a CPU L2 cache, so the scatter reads ``G`` while it is
-    still there, and never exceeds ``budget``. Returns ``sum_r G_r`` (rows, cols), the batch gradient.
+    (examples x out-rows x cols) never exceeds ``budget``; on a CPU it stays near L2 size, so the scatter reads
+    ``G`` while it is still in cache. Returns ``sum_r G_r`` (rows, cols), the batch gradient.
     """
     n_out, n_in = spec.shape
     R = a.shape[0]
-    budget = min(budget, OUTER_BLOCK_ELEMENTS)
+    # on a CPU a block of examples keeps its G (examples x out_step x n_in) and its target rows (examples x m)
+    # near L2 size; a GPU wants big blocks
+    cache = OUTER_BLOCK_ELEMENTS if a.device.type == "cpu" else budget
+    budget = min(budget, cache)
     out_step = max(1, min(n_out, budget // n_in))
-    # a block of examples: its G (examples x out_step x n_in) and its target rows (examples x m) both ~L2-sized
-    ex_step = max(1, min(budget // (out_step * n_in), OUTER_BLOCK_ELEMENTS // spec.sketch_dim))
+    ex_step = max(1, min(budget // (out_step * n_in), cache // spec.sketch_dim))
     d_signed = delta * spec.rows.signs                               # signs folded into the factors
     a_signed = a * spec.cols.signs
     total = torch.zeros(n_out, n_in, device=a.device)
@@ -387,7 +389,8 @@ class SketchFeaturizer(Featurizer):
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
         fp.update(seed=self.seed, sketch_dim=self.sketch_dim, hash=HASH_VERSION,
-                  groups=None if self.slot_groups is None else [[s.name, g] for s, g in zip(self.slots, self.slot_groups)])
+                  groups=None if self.slot_groups is None else
+                  [[s.name, g] for s, g in zip(self.slots, self.slot_groups)])
         return fp
 
     # -- hashes on the right device ------------------------------------------------------------------
@@ -506,17 +509,17 @@ class SketchFeaturizer(Featurizer):
                     target.add_freq_total(slot, spectrum)
 
     def _use_outer(self, spec: TensorSketch, n_tokens: int) -> bool:
-        """Cost model per example (rough ns on a CPU core; the ratio is what matters, GPUs agree in direction).
+        """Cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction).
 
-        outer: N * d_out * d_in multiply-adds in a GEMM plus d_out * d_in scattered adds;
-        fft:   2 N scatters of d values, 2 N real FFTs of length m, N complex products.
+        outer: d_out * d_in scattered adds (~1.8 ns) plus N * d_out * d_in multiply-adds in a small GEMM;
+        fft:   2 N real FFTs of length m (~0.7 ns per m log2 m) plus 2 N scatters of d values.
         """
         if self.linear_kernel != "auto":
             return self.linear_kernel == "outer"
         n_out, n_in = spec.shape
         m = spec.sketch_dim
-        outer = n_out * n_in * (0.05 * n_tokens + 4.0)
-        fft = n_tokens * (m * (1.0 + 0.6 * math.log2(m)) + 4.0 * (n_out + n_in))
+        outer = n_out * n_in * (1.8 + 0.08 * n_tokens)
+        fft = n_tokens * (0.7 * m * math.log2(m) + 4.0 * (n_out + n_in))
         return outer <= fft
 
     def _add_generic(self, cap: StepCapture, rec: LeafCalls, slots: list[tuple[str, ParamSlot]],

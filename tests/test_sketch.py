@@ -128,6 +128,64 @@ def test_kernels_equal_count_sketch_of_oracle_per_step_gradients(case, kernel):
         assert rel_err(ours[:, t], reference[:, t]) < ROUNDING
 
 
+class TiedBody(torch.nn.Module):
+    """Two Linear modules sharing one weight inside the loop body (tied weights)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(d, d)
+        self.b = torch.nn.Linear(d, d, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + torch.tanh(self.b(torch.tanh(self.a(h))))
+
+
+class TiedNet(torch.nn.Module):
+    def __init__(self, vocab: int = 7, d: int = 8) -> None:
+        super().__init__()
+        self.emb, self.body, self.head = torch.nn.Embedding(vocab, d), TiedBody(d), torch.nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.emb(tokens)
+        for _ in range(3):
+            h = self.body(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("kernel", ["fft", "outer"])
+def test_tied_weights_inside_the_loop(kernel):
+    model = TiedNet()
+    batch = random_batch(4)
+    attr = sdi.StepInfluence(model, model.body, next_token_loss, sketch_dim=61, progress=False)
+    attr.featurizer.linear_kernel = kernel
+    assert attr.param_names == ["body.a.weight", "body.a.bias"]
+    ours = attr.features([batch]).features
+    phi = oracle_per_step_grads(model, ["body"], attr.param_names, next_token_loss, batch, n_steps=3)
+    assert rel_err(ours, attr.featurizer.dense(split_flat(phi, attr.slots))) < ROUNDING
+
+
+@pytest.mark.parametrize("kernel", ["fft", "outer"])
+def test_parameter_the_hooks_cannot_see_is_named_not_dropped(kernel):
+    """A loop weight also read functionally (F.linear on the raw tensor): the sketched path refuses and names it."""
+
+    class Sneaky(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(12, 12)
+
+        def forward(self, h, h0, tokens):
+            return h + torch.tanh(self.lin(h)) + torch.nn.functional.linear(h0, self.lin.weight)
+
+    model = TwoModuleLoopNet()
+    model.mix = Sneaky()
+    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, sketch_dim=64,
+                             progress=False)
+    attr.featurizer.linear_kernel = kernel
+    with pytest.raises(sdi.CaptureError, match=r"\['mix\.lin\.weight \(relative error"):
+        attr.features([random_batch(4)])
+
+
 def test_query_with_more_loops_and_module_groups():
     """Test-time compute (5 loops on a 3-loop model) and groups='module': each group's sketch is the sketch of its
     own parameters, and the groups add up to the ungrouped feature (same hashes, other destination)."""
@@ -190,7 +248,8 @@ def test_sketched_inner_products_are_unbiased_over_200_seeds():
         assert 0.6 < empirical_se / theory_se < 1.5, (empirical_se, theory_se)
         assert abs(float(est[:, j].mean()) - exact) < 4.5 * max(theory_se, empirical_se), j
     # the bound has teeth: it would catch any bias above 3% of ||x|| ||y||
-    assert all(4.5 * math.sqrt(count_sketch_variance(x, y, m) / n) < 0.03 * float(x.norm() * y.norm()) for x, y in pairs)
+    for x, y in pairs:
+        assert 4.5 * math.sqrt(count_sketch_variance(x, y, m) / n) < 0.03 * float(x.norm() * y.norm())
 
 
 def test_error_shrinks_with_m_as_the_count_sketch_variance_predicts():
@@ -344,7 +403,8 @@ def test_default_sketch_dim_meets_the_accuracy_target():
                              progress=False)
     train_b, query_b = data.subset(range(64)).batches(64), parity(4, n_bits=8, seed=9).batches(4)
     ckpts = result.tracin_checkpoints
-    exact = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=None, progress=False).influence(train_b, query_b, ckpts)
+    exact = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=None, progress=False) \
+        .influence(train_b, query_b, ckpts)
     attr = sdi.StepInfluence(model, model.block, loss_fn, progress=False)
     assert attr.sketch_dim == DEFAULT_SKETCH_DIM
     sketch = attr.influence(train_b, query_b, ckpts)

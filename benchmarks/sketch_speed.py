@@ -1,0 +1,135 @@
+"""Speed of sketched featurization against a plain forward + backward and against exact featurization.
+
+Same model, data and batches for every row. Each row featurizes every batch (outputs are dropped, so the exact
+path's per-example gradients never pile up) and reports the best of ``--repeats`` runs, in CPU seconds of this
+process (steadier than wall time on a shared machine) and wall seconds:
+
+    plain            loss.sum().backward() over the batches (the floor)
+    sketch m=...     sdi.features.batch_features with SketchFeaturizer (hooks, kernels, completeness check)
+      kernels        of which SketchFeaturizer.featurize alone
+    exact            the same with ExactFeaturizer (per-example gradients, P floats per example and step)
+
+    python benchmarks/sketch_speed.py                          # N 256, tau 8, d_model 128, chains
+    python benchmarks/sketch_speed.py --d-model 64 --m 4096 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import sdi
+from sdi.features import ExactFeaturizer, batch_features
+from sdi.sketch import DEFAULT_SKETCH_DIM, SketchFeaturizer
+from sdi.tasks import loss_fn, variable_chains
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def best_of(fn: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(CPU seconds, wall seconds), each the minimum over ``repeats`` runs after one warm-up."""
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c, w = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c)
+        wall.append(time.perf_counter() - w)
+    return min(cpu), min(wall)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--tau", type=int, default=8)
+    ap.add_argument("--d-model", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--m", nargs="+", type=int, default=[1024, 4096, 16384, DEFAULT_SKETCH_DIM])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-exact", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    data = variable_chains(args.n, n_statements=6, max_hops=3, seed=0)
+    cfg = sdi.LoopedGPTConfig(vocab_size=len(data.tokenizer.symbols), block_size=data.seq_len,
+                              d_model=args.d_model, n_heads=4, n_loops=args.tau)
+    model = sdi.LoopedGPT(cfg, seed=0).eval()
+    batches = data.batches(args.batch_size)
+    attr = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=None, progress=False)
+
+    def plain() -> None:
+        for b in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, b).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def featurize_all(featurizer) -> Callable[[], None]:
+        def run() -> None:
+            for b in batches:
+                batch_features(model, attr.loop_modules, attr.leaves, featurizer, loss_fn, b)
+        return run
+
+    def kernels_only(featurizer) -> Callable[[], None]:
+        """SketchFeaturizer.featurize on batches captured beforehand (hooks and autograd excluded)."""
+        from sdi.capture import StepCapture
+        params = [s.param for s in featurizer.slots]
+        captured = []
+        for b in batches:
+            with StepCapture(model, attr.loop_modules, attr.leaves) as cap:
+                torch.autograd.grad(loss_fn(model, b).sum(), params)
+            captured.append((cap, b["tokens"].shape[0]))
+
+        def run() -> None:
+            for cap, B in captured:
+                featurizer.featurize(cap, torch.zeros(B, cap.n_steps, *featurizer.feature_shape))
+        return run
+
+    rows = []
+    cpu0, wall0 = best_of(plain, args.repeats)
+    rows.append({"method": "plain forward+backward", "cpu_s": cpu0, "wall_s": wall0})
+    print(f"plain: {cpu0:.2f} s CPU", flush=True)
+    for m in args.m:
+        fz = SketchFeaturizer(attr.slots, m, leaves=attr.leaves)
+        cpu, wall = best_of(featurize_all(fz), args.repeats)
+        kcpu, kwall = best_of(kernels_only(fz), args.repeats)
+        rows.append({"method": f"sketch m={m}", "m": m, "cpu_s": cpu, "wall_s": wall, "kernel_cpu_s": kcpu})
+        print(f"sketch m={m}: {cpu:.2f} s CPU (kernels {kcpu:.2f})", flush=True)
+    if not args.no_exact:
+        cpu, wall = best_of(featurize_all(ExactFeaturizer(attr.slots)), max(1, args.repeats - 1))
+        rows.append({"method": "exact", "cpu_s": cpu, "wall_s": wall})
+        print(f"exact: {cpu:.2f} s CPU", flush=True)
+
+    print(f"\nN {args.n}, tau {args.tau}, d_model {args.d_model}, batch {args.batch_size}, "
+          f"{attr.n_params} loop parameters, {args.threads} thread(s); load average {os.getloadavg()[0]:.1f}\n")
+    print("| method | CPU s | x plain | kernels CPU s | wall s |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        kern = f"{r['kernel_cpu_s']:.2f}" if "kernel_cpu_s" in r else ""
+        print(f"| {r['method']} | {r['cpu_s']:.2f} | {r['cpu_s'] / cpu0:.2f} | {kern} | {r['wall_s']:.2f} |")
+
+    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+               "n_params": attr.n_params, "rows": rows,
+               "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "load_average": os.getloadavg()}}
+    out = args.out or RESULTS / f"sketch_speed_n{args.n}_tau{args.tau}_d{args.d_model}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, out)
+    return payload
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
