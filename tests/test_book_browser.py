@@ -8,6 +8,7 @@ leaves 127.0.0.1, nothing 404s and the console stays clean. Screenshots go to ``
 
 import functools
 import http.server
+import json
 import re
 import sys
 import threading
@@ -182,4 +183,36 @@ def test_preface_widget_is_interactive_without_a_kernel(visit) -> None:
         "() => document.querySelector('.widget-slider .widget-readout').textContent.trim() !== '1'", timeout=10_000
     )
     assert int(readout.inner_text()) > 1
+    assert not v.problems(), v.problems()
+
+
+def test_chapter7_static_explorer_is_interactive_without_a_kernel(visit) -> None:
+    """Chapter 7 embeds the static explorer (``render_html``): moving its slider must change the top-k list.
+
+    The expected list at each iteration is ranked here from the scores the page carries (``data[view][query].sdi``,
+    one trajectory per candidate row), independently of the page's own precomputed ``top`` lists.
+    """
+    v = visit("07_explorer")
+    root = v.page.locator(".sdix").first
+    rows = root.locator("[data-role=table] tr[data-train-index]")
+    rows.first.wait_for(timeout=20_000)
+    data = json.loads(v.page.locator(f"#{root.get_attribute('id')}-data").text_content())
+    view, query = int(root.get_attribute("data-view")), int(root.get_attribute("data-query"))
+    block = data["data"][view][query]
+
+    def expected(t: int) -> list[int]:  # the k strongest proponents at iteration t (1-based)
+        order = sorted(range(len(block["rows"])), key=lambda r: -block["sdi"][r][t - 1])
+        return [block["rows"][r] for r in order[: data["k"]]]
+
+    def shown() -> list[int]:
+        return [int(i) for i in rows.evaluate_all("rs => rs.map(r => r.dataset.trainIndex)")]
+
+    assert root.get_attribute("data-sign") == "proponents" and root.get_attribute("data-step") == "1"
+    first = shown()
+    assert first == expected(1)
+    last = data["T"]
+    root.locator("[data-role=step]").fill(str(last))  # drag the slider to the last iteration
+    assert root.get_attribute("data-step") == str(last)
+    assert shown() == expected(last) != first, "the top-k list did not change with the slider"
+    assert root.locator("[data-role=answers] .cell.current").get_attribute("data-step") == str(last)
     assert not v.problems(), v.problems()
