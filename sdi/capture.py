@@ -2,10 +2,12 @@
 
 A looped model calls its loop module(s) once per iteration. A forward pre-hook on each loop module counts
 those calls: the c-th call *is* step ``c``. Every module inside the loop that owns parameters (a "leaf":
-``nn.Linear``, ``nn.LayerNorm``, ...) records, for each of its calls, the inputs it saw and — through a
-hook on its output tensor — the gradient that flows back into that output. From these two tensors the
-per-example gradient of the leaf's parameters *at that step* follows in closed form (``phi_t``), without
-ever untying the loop.
+``nn.Linear``, ``nn.LayerNorm``, ...) records, for each of its calls, the inputs it saw and its output.
+:meth:`StepCapture.backward` then asks autograd for the gradient of the summed loss with respect to every
+recorded output — the backprop ``delta`` of that call. From inputs and ``delta`` the per-example gradient
+of the leaf's parameters *at that step* follows in closed form (``phi_t``), without ever untying the loop.
+The weight gradients themselves are never computed (they are the expensive third of a backward pass),
+except when asked for, to check that the hooks saw every use of every parameter.
 
 The capture never touches ``.grad`` of the model's parameters and removes all its hooks on exit.
 """
@@ -28,10 +30,10 @@ class CaptureError(ValueError):
 class LeafCalls:
     """Everything one parameterised module saw during one forward/backward pass.
 
-    For call ``c``: ``steps[c]`` is the iteration, ``args[c]``/``kwargs[c]`` the (detached) inputs and
-    ``grad_outputs[c]`` the gradient of the summed per-example losses with respect to its output
-    (``None`` when the output did not influence the loss). The leading dimension of every tensor is the
-    example dimension ``B``.
+    For call ``c``: ``steps[c]`` is the iteration, ``args[c]``/``kwargs[c]`` the (detached) inputs,
+    ``outputs[c]`` the output tensor(s) and, after :meth:`StepCapture.backward`, ``grad_outputs[c]`` the
+    gradient of the summed per-example losses with respect to each output (``None`` when it did not
+    influence the loss). The leading dimension of every tensor is the example dimension ``B``.
     """
 
     name: str
@@ -39,6 +41,7 @@ class LeafCalls:
     steps: list[int] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
+    outputs: list = field(default_factory=list)
     grad_outputs: list = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -108,9 +111,9 @@ def loop_parameters(model: nn.Module, loop_modules: list[nn.Module]) -> tuple[li
 class StepCapture:
     """Context manager recording per-step inputs and output gradients of the loop's leaves.
 
-        with StepCapture(model, loop_modules) as cap:
+        with StepCapture(model, loop_modules, leaves) as cap:
             losses = loss_fn(model, batch)             # (B,)
-            torch.autograd.grad(losses.sum(), params)  # fills cap.calls via tensor hooks
+        cap.backward(losses)                           # fills every call's grad_outputs
         cap.n_steps                                    # iterations the loop ran
 
     Leaves called outside any loop call (a module shared with the prelude, say) raise a
@@ -151,22 +154,12 @@ class StepCapture:
                 )
                 return
             rec = self.calls.setdefault(name, LeafCalls(name, module))
-            slot = len(rec.steps)
             rec.steps.append(self._stack[-1])
             rec.args.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args))
             rec.kwargs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
             outputs = output if isinstance(output, (tuple, list)) else (output,)
+            rec.outputs.append([o if torch.is_tensor(o) and o.requires_grad else None for o in outputs])
             rec.grad_outputs.append([None] * len(outputs))
-            for j, out in enumerate(outputs):
-                if torch.is_tensor(out) and out.requires_grad:
-                    out.register_hook(self._grad_hook(rec, slot, j))
-        return hook
-
-    @staticmethod
-    def _grad_hook(rec: LeafCalls, slot: int, j: int):
-        def hook(grad):
-            prev = rec.grad_outputs[slot][j]
-            rec.grad_outputs[slot][j] = grad.detach() if prev is None else prev + grad.detach()
         return hook
 
     # -- context -----------------------------------------------------------------------------------
@@ -192,6 +185,26 @@ class StepCapture:
             yield
         finally:
             self._active = prev
+
+    # -- backward ----------------------------------------------------------------------------------
+    def backward(self, losses: torch.Tensor, params: list[torch.Tensor] | None = None) -> tuple | None:
+        """Fill every call's ``grad_outputs`` with ``d losses.sum() / d output``; return param grads if asked.
+
+        Only the gradients with respect to the recorded outputs are requested, so autograd skips the weight
+        gradients of every layer unless ``params`` are given (then their batch gradients are returned,
+        ``None`` for unused ones, for the completeness check).
+        """
+        slots = [(rec, c, j) for rec in self.calls.values() for c, outs in enumerate(rec.outputs)
+                 for j, o in enumerate(outs) if o is not None]
+        inputs = [rec.outputs[c][j] for rec, c, j in slots] + list(params or [])
+        if not inputs:
+            return None if params is None else tuple(None for _ in params)
+        grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
+        for (rec, c, j), g in zip(slots, grads):
+            rec.grad_outputs[c][j] = None if g is None else g.detach()
+        for rec in self.calls.values():
+            rec.outputs = [[None] * len(outs) for outs in rec.outputs]  # free the graph's tensors
+        return None if params is None else tuple(grads[len(slots):])
 
     # -- results -----------------------------------------------------------------------------------
     @property

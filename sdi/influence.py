@@ -240,8 +240,10 @@ class StepInfluence:
         loss_fn = loss_fn or self.loss_fn
         feats, losses, T = [], [], None
         with _eval_mode(self.model):
-            for batch in tqdm(batches, desc=desc, disable=not self.progress or len(batches) < 4, leave=False):
-                f, l = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer, loss_fn, batch, T)
+            for i, batch in enumerate(tqdm(batches, desc=desc, disable=not self.progress or len(batches) < 4,
+                                           leave=False)):
+                f, l = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer, loss_fn, batch, T,
+                                      check=i == 0)
                 T = f.shape[1]
                 feats.append(f)
                 losses.append(l)
@@ -305,9 +307,9 @@ class StepInfluence:
         T = None
         with _eval_mode(self.model):
             bar = tqdm(train_batches, desc=f"train (checkpoint {k + 1}/{K})", disable=not self.progress, leave=False)
-            for batch in bar:
+            for i, batch in enumerate(bar):
                 feats, losses = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer,
-                                               self.loss_fn, batch, T)
+                                               self.loss_fn, batch, T, check=i == 0)
                 T = feats.shape[1]
                 F_ = feats.flatten(2)                  # (B, Tt, D)
                 F_total = F_.sum(1)                    # (B, D)

@@ -370,7 +370,6 @@ class SketchFeaturizer(Featurizer):
             self.group_names = list(dict.fromkeys(self.slot_groups))
         self.group_of = {id(s.param): (self.group_names.index(g) if self.slot_groups else 0)
                          for s, g in zip(slots, self.slot_groups or [None] * len(slots))}
-        self.slot_of = {id(s.param): s for s in slots}
         self.specs = {id(s.param): sketch_spec(s, sketch_dim, seed) for s in slots}
         self._on_device: dict[tuple[int, str], Spec] = {}
         self._flat_cache: dict[tuple[int, str], CountSketch] = {}
@@ -473,14 +472,9 @@ class SketchFeaturizer(Featurizer):
         return spec(g.reshape(-1))
 
     # -- per leaf ------------------------------------------------------------------------------------
-    def _leaf_slots(self, rec: LeafCalls) -> list[tuple[str, ParamSlot]]:
-        """(attribute, slot) of every attributed parameter the module owns — tied weights included."""
-        return [(attr, self.slot_of[id(p)]) for attr, p in rec.module.named_parameters(recurse=False)
-                if id(p) in self.slot_of]
-
     def _add_leaf(self, cap: StepCapture, rec: LeafCalls, target: _BatchTarget) -> None:
         kind = leaf_kind(rec.module)
-        slots = self._leaf_slots(rec)
+        slots = self.leaf_slots(rec.module)
         if kind == "generic":
             self._add_generic(cap, rec, slots, target)
             return

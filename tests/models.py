@@ -47,6 +47,19 @@ class GateBody(nn.Module):
         return h + 0.5 * self.proj(torch.sigmoid(self.proj(x)))
 
 
+class TiedGateBody(nn.Module):
+    """Like :class:`GateBody`, but two Linear modules own one weight Parameter (tied across layers)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.first = nn.Linear(d, d)
+        self.second = nn.Linear(d, d)
+        self.second.weight = self.first.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + 0.5 * self.second(torch.tanh(self.first(h)))
+
+
 class TwoModuleLoopNet(nn.Module):
     """h_t = gate(mix(h_{t-1}, h_0, tokens)); both modules run once per iteration: ``loop=[mix, gate]``."""
 

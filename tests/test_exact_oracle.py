@@ -7,7 +7,7 @@ import torch
 
 import sdi
 from sdi.tasks import loss_fn, parity, variable_chains
-from models import TwoModuleLoopNet, next_token_loss, random_batch
+from models import TiedGateBody, TwoModuleLoopNet, next_token_loss, random_batch
 from oracle import full_grads, oracle_per_step_grads
 
 RTOL = 1e-5
@@ -32,7 +32,7 @@ def test_loopedgpt_features_match_untied_oracle(layers, reinject):
     model = small_gpt(n_loops=3, layers=layers, reinject=reinject)
     data = parity(6, n_bits=6, seed=1)
     batch = data.batch(slice(None))
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     ours = attr.features([batch]).features
     oracle = oracle_per_step_grads(model, ["block"], attr.param_names, loss_fn, batch, n_steps=3)
     assert ours.shape == oracle.shape == (6, 3, attr.n_params)
@@ -45,7 +45,7 @@ def test_query_with_more_loops_than_training_matches_oracle():
     data = parity(5, n_bits=6, seed=2)
     batch = data.batch(slice(None))
     query_loss = partial(loss_fn, n_loops=5)
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     ours = attr.features([batch], loss_fn=query_loss).features
     oracle = oracle_per_step_grads(model, ["block"], attr.param_names, query_loss, batch, n_steps=5)
     assert ours.shape[1] == 5
@@ -56,7 +56,8 @@ def test_user_model_with_two_module_loop_body_matches_oracle():
     """Not LoopedGPT: a list of loop modules, Embedding, RMSNorm, a bare-parameter module, a Linear used twice."""
     model = TwoModuleLoopNet(n_loops=3)
     batch = random_batch(6)
-    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, progress=False)
+    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, sketch_dim=None,
+                             progress=False)
     assert "mix.gain.gain" in attr.param_names and "gate.norm.weight" in attr.param_names
     ours = attr.features([batch]).features
     oracle = oracle_per_step_grads(model, ["mix", "gate"], attr.param_names, next_token_loss, batch, n_steps=3)
@@ -73,7 +74,7 @@ def test_influence_matches_oracle_and_tracin_matches_full_gradients():
     train = variable_chains(10, n_statements=4, max_hops=2, seed=3)
     query = variable_chains(4, n_statements=4, max_hops=2, seed=4)
     q_loss = partial(loss_fn, n_loops=4)
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     res = attr.influence(train.batches(4), query.batches(3), query_loss_fn=q_loss, step_matrix=True)
 
     tb, qb = train.batch(slice(None)), query.batch(slice(None))
@@ -92,7 +93,7 @@ def test_influence_matches_oracle_and_tracin_matches_full_gradients():
 def test_conservation_and_step_matrix_marginals():
     model = small_gpt(n_loops=4)
     train, query = parity(12, n_bits=6, seed=5), parity(5, n_bits=6, seed=6)
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     res = attr.influence(train.batches(5), query.batches(5), query_loss_fn=partial(loss_fn, n_loops=6),
                          step_matrix=True)
     scale = res.tracin.abs().max()
@@ -116,7 +117,7 @@ def test_tracin_over_three_checkpoints_is_eta_weighted_sum(tmp_path):
         states.append({n: v.clone() for n, v in model.state_dict().items()})
     paths = [sdi.save_checkpoint(tmp_path / f"c{k}.pt", s, lr=0.1) for k, s in enumerate(states)]
     etas = [0.5, 0.25, 2.0]
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     before = {n: v.clone() for n, v in model.state_dict().items()}
     joint = attr.influence(train.batches(4), query.batches(3), checkpoints=list(zip(paths, etas)))
     singles = [attr.influence(train.batches(4), query.batches(3), checkpoints=[(s, 1.0)]) for s in states]
@@ -132,9 +133,23 @@ def test_tracin_over_three_checkpoints_is_eta_weighted_sum(tmp_path):
 def test_self_influence_is_diagonal_of_influence():
     model = small_gpt()
     data = parity(6, n_bits=6, seed=9)
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     self_inf = attr.self_influence(data.batches(4))
     res = attr.influence(data.batches(4), data.batches(6))
     diag = res.sdi[torch.arange(6), torch.arange(6)]  # (N, T): z' = z
     assert rel_err(self_inf, diag) < RTOL
     assert (self_inf.sum(-1) > 0).all()
+
+
+def test_weight_shared_by_two_layers_in_the_loop_matches_oracle():
+    """Two Linear modules holding one Parameter: its phi_t sums both uses within step t."""
+    model = TwoModuleLoopNet(n_loops=3)
+    model.gate = TiedGateBody(12)
+    batch = random_batch(5)
+    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, sketch_dim=None,
+                             progress=False)
+    assert [n for n in attr.param_names if n.startswith("gate.")] == ["gate.first.weight", "gate.first.bias",
+                                                                       "gate.second.bias"]
+    ours = attr.features([batch]).features
+    oracle = oracle_per_step_grads(model, ["mix", "gate"], attr.param_names, next_token_loss, batch, n_steps=3)
+    assert rel_err(ours, oracle) < RTOL

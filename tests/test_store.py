@@ -108,7 +108,7 @@ def test_store_influence_matches_in_memory_influence(setup):
 def test_exact_features_store_just_as_well(setup, tmp_path):
     """The store does not care which featurizer made D: exact per-example gradients (D = P) go through unchanged."""
     model, ckpts = setup["model"], setup["ckpts"]
-    exact = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, progress=False)
+    exact = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
     st = S.featurize(tmp_path / "exact", exact, setup["train"], ckpts, chunk_size=CHUNK, batch_size=BATCH,
                      progress=False)
     assert st.feature_shape == (exact.n_params,) and st.fingerprint["kind"] == "exact"
