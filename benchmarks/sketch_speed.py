@@ -5,7 +5,8 @@ path's per-example gradients never pile up) and reports the best of ``--repeats`
 process (steadier than wall time on a shared machine) and wall seconds:
 
     plain            loss.sum().backward() over the batches (the floor)
-    sketch m=...     sdi.features.batch_features with SketchFeaturizer (hooks, kernels, completeness check)
+    sketch m=...     sdi.features.batch_features with SketchFeaturizer (hooks, kernels, completeness check on
+                     the first batch, as StepInfluence does)
       kernels        of which SketchFeaturizer.featurize alone
     exact            the same with ExactFeaturizer (per-example gradients, P floats per example and step)
 
@@ -76,18 +77,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     def featurize_all(featurizer) -> Callable[[], None]:
         def run() -> None:
-            for b in batches:
-                batch_features(model, attr.loop_modules, attr.leaves, featurizer, loss_fn, b)
+            for i, b in enumerate(batches):  # as StepInfluence does: completeness check on the first batch
+                batch_features(model, attr.loop_modules, attr.leaves, featurizer, loss_fn, b, check=i == 0)
         return run
 
     def kernels_only(featurizer) -> Callable[[], None]:
         """SketchFeaturizer.featurize on batches captured beforehand (hooks and autograd excluded)."""
         from sdi.capture import StepCapture
-        params = [s.param for s in featurizer.slots]
         captured = []
         for b in batches:
             with StepCapture(model, attr.loop_modules, attr.leaves) as cap:
-                torch.autograd.grad(loss_fn(model, b).sum(), params)
+                losses = loss_fn(model, b)
+            cap.backward(losses)
             captured.append((cap, b["tokens"].shape[0]))
 
         def run() -> None:

@@ -175,16 +175,15 @@ def _token_chunks(n_rows: int, n_tokens: int, per_token: int, budget: int) -> It
 
 
 def tensor_sketch_fft(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch,
-                      budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+                      budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
     """Spectra of the sketches of ``G_r = sum_n delta[r, n] (x) a[r, n]``, never forming ``G``.
 
     delta: (R, N, rows), a: (R, N, cols); ``target`` (R, m // 2 + 1) complex64 += the spectra. ``irfft`` of
     a spectrum is the sketch; it is linear, so the spectra of many parameters and layers are summed first and
-    inverted once. Returns the spectrum of the sketch of ``sum_r G_r`` (m // 2 + 1,).
+    inverted once.
     """
     m = spec.sketch_dim
     R, N, _ = a.shape
-    total = torch.zeros(m // 2 + 1, dtype=torch.complex64, device=a.device)
     for rows, toks in _token_chunks(R, N, 2 * m, budget):
         d_part = delta[rows, toks]
         r = d_part.shape[0]
@@ -195,17 +194,15 @@ def tensor_sketch_fft(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor
         prod = f[0].mul_(f[1])                                       # (r * n, K): one token each
         spectrum = torch.view_as_complex(torch.view_as_real(prod).reshape(r, -1, m // 2 + 1, 2).sum(1))
         target[rows] += spectrum
-        total += spectrum.sum(0)
-    return total
 
 
 def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor, spec: TensorSketch,
-                        flat: CountSketch | None = None, budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> torch.Tensor:
+                        flat: CountSketch | None = None, budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
     """The same sketches by the direct route: form ``G`` for a block of examples, scatter it into ``m`` buckets.
 
     Cheaper than the FFT for small ``rows x cols``. ``target`` (R, m) float32 += the sketches. The block
     (examples x out-rows x cols) never exceeds ``budget``; on a CPU it stays near L2 size, so the scatter reads
-    ``G`` while it is still in cache. Returns ``sum_r G_r`` (rows, cols), the batch gradient.
+    ``G`` while it is still in cache.
     """
     n_out, n_in = spec.shape
     R = a.shape[0]
@@ -217,16 +214,12 @@ def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tens
     ex_step = max(1, min(budget // (out_step * n_in), cache // spec.sketch_dim))
     d_signed = delta * spec.rows.signs                               # signs folded into the factors
     a_signed = a * spec.cols.signs
-    total = torch.zeros(n_out, n_in, device=a.device)
     for o0 in range(0, n_out, out_step):
         buckets = flat.buckets if out_step == n_out and flat is not None else spec.flat(o0, o0 + out_step).buckets
-        signed_sum = total[o0 : o0 + out_step]
         for r0 in range(0, R, ex_step):
             g = torch.bmm(d_signed[r0 : r0 + ex_step, :, o0 : o0 + out_step].transpose(1, 2),
                           a_signed[r0 : r0 + ex_step])                 # (r, out_rows, n_in)
-            signed_sum += g.sum(0)
             target[r0 : r0 + ex_step].index_add_(1, buckets, g.reshape(g.shape[0], -1))
-    return total.mul_(spec.rows.signs[:, None]).mul_(spec.cols.signs[None, :])
 
 
 def embedding_sketch(target: torch.Tensor, ids: torch.Tensor, delta: torch.Tensor, spec: TensorSketch,
@@ -285,11 +278,7 @@ def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, n
 # ------------------------------------------------------------------------------------------ featurizer
 
 class _BatchTarget:
-    """Where one batch's sketches go: ``out`` (B, T, G, m) directly, FFT-domain parts into one spectrum.
-
-    It also keeps each parameter's batch total — its batch gradient (parameter space) or, for FFT-sketched
-    weights, the spectrum of its sketch — for :meth:`SketchFeaturizer.check_complete`.
-    """
+    """Where one batch's sketches go: ``out`` (B, T, G, m) directly, FFT-domain parts into one spectrum."""
 
     def __init__(self, out: torch.Tensor, sketch_dim: int, n_groups: int) -> None:
         self.out = out
@@ -297,8 +286,6 @@ class _BatchTarget:
         self.time = self.buf.view(out.shape[0], out.shape[1], n_groups, sketch_dim)
         self.m = sketch_dim
         self.spectrum: torch.Tensor | None = None
-        self.dense_totals: dict[int, torch.Tensor] = {}
-        self.freq_totals: dict[int, torch.Tensor] = {}
 
     def rows(self, step: int, group: int) -> torch.Tensor:
         """(B, m) view of ``out`` at one step and group."""
@@ -310,17 +297,6 @@ class _BatchTarget:
             self.spectrum = torch.zeros(*self.time.shape[:-1], self.m // 2 + 1, dtype=torch.complex64,
                                         device=self.time.device)
         return self.spectrum[:, step, group]
-
-    def total(self, slot: ParamSlot) -> torch.Tensor:
-        """The slot's batch-gradient accumulator (param shape, float32)."""
-        key = id(slot.param)
-        if key not in self.dense_totals:
-            self.dense_totals[key] = torch.zeros(slot.shape, device=self.time.device)
-        return self.dense_totals[key]
-
-    def add_freq_total(self, slot: ParamSlot, spectrum: torch.Tensor) -> None:
-        key = id(slot.param)
-        self.freq_totals[key] = self.freq_totals[key] + spectrum if key in self.freq_totals else spectrum
 
     def finish(self) -> None:
         if self.spectrum is not None:
@@ -436,42 +412,12 @@ class SketchFeaturizer(Featurizer):
         for rec in cap.calls.values():
             self._add_leaf(cap, rec, target)
         target.finish()
-        self._last_batch = target
 
     def accumulate(self, cap: StepCapture, rec: LeafCalls, out: torch.Tensor) -> None:
         target = _BatchTarget(out, self.sketch_dim, self.n_groups)
         self._add_leaf(cap, rec, target)
         target.finish()
 
-    def check_complete(self, cap: StepCapture, true_grads: Sequence, dtype: torch.dtype) -> None:
-        """Each parameter's batch total from the featurized calls must equal autograd's batch gradient.
-
-        The totals come for free from the kernels (parameter space), except for FFT-sketched weights, whose
-        gradient is never formed: those are compared in sketch space (the sketch is linear, so a use the hooks
-        missed leaves a difference of norm ~ its gradient's).
-        """
-        batch = getattr(self, "_last_batch", None)
-        dense = batch.dense_totals if batch is not None else {}
-        freq = batch.freq_totals if batch is not None else {}
-        captured, expected = {}, []
-        for s, g in zip(self.slots, true_grads):
-            key, device = id(s.param), s.param.device
-            got = dense.get(key, torch.zeros(s.shape, device=device))
-            if key in freq:
-                spec = self.spec(s, device)
-                got = torch.fft.irfft(freq[key], n=self.sketch_dim) + self._sketch(spec, got)
-                g = None if g is None else self._sketch(spec, g.float())
-            captured[key] = got
-            expected.append(g)
-        check_gradients_match(self.slots, captured, expected, dtype)
-
-    def _sketch(self, spec: Spec, g: torch.Tensor) -> torch.Tensor:
-        """Sketch of one dense parameter-shaped tensor: (m,)."""
-        if isinstance(spec, TensorSketch):
-            return spec(g, self.max_chunk_elements)
-        return spec(g.reshape(-1))
-
-    # -- per leaf ------------------------------------------------------------------------------------
     def _add_leaf(self, cap: StepCapture, rec: LeafCalls, target: _BatchTarget) -> None:
         kind = leaf_kind(rec.module)
         slots = self.leaf_slots(rec.module)
@@ -490,17 +436,13 @@ class SketchFeaturizer(Featurizer):
                 if attr == "bias" or kind == "norm":
                     g = delta.sum(1) if attr == "bias" else (delta * x).sum(1)        # (B, d)
                     spec.add_into(rows, g)
-                    target.total(slot).add_(g.sum(0).reshape(slot.shape))
                 elif kind == "embedding":
                     embedding_sketch(rows, x, delta, spec, self.max_chunk_elements)
-                    target.total(slot).index_add_(0, x.reshape(-1), delta.reshape(-1, delta.shape[-1]))
                 elif self._use_outer(spec, x.shape[1]):
                     flat = self._flat(slot, spec, delta.device)
-                    target.total(slot).add_(tensor_sketch_outer(rows, delta, x, spec, flat, self.max_chunk_elements))
+                    tensor_sketch_outer(rows, delta, x, spec, flat, self.max_chunk_elements)
                 else:
-                    spectrum = tensor_sketch_fft(target.freq_rows(step, group), delta, x, spec,
-                                                 self.max_chunk_elements)
-                    target.add_freq_total(slot, spectrum)
+                    tensor_sketch_fft(target.freq_rows(step, group), delta, x, spec, self.max_chunk_elements)
 
     def _use_outer(self, spec: TensorSketch, n_tokens: int) -> bool:
         """Cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction).
@@ -531,4 +473,3 @@ class SketchFeaturizer(Featurizer):
                     spec.add_into(rows, g, self.max_chunk_elements)
                 else:
                     spec.add_into(rows, g.reshape(g.shape[0], -1))
-                target.total(slot).add_(g.sum(0))
