@@ -1,9 +1,11 @@
 """Step-resolved training-data attribution (SDI) for looped transformers.
 
-    import sdi
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=sdi.tasks.loss_fn)
-    res = attr.influence(train_batches, query_batches, checkpoints=[(path, eta), ...])
-    res.sdi          # (N_train, N_query, T_query); res.sdi.sum(-1) == res.tracin
+    Example::
+
+        import sdi
+        attr = sdi.StepInfluence(model, loop=model.block, loss_fn=sdi.tasks.loss_fn)
+        res = attr.influence(train_batches, query_batches, checkpoints=[(path, eta), ...])
+        res.sdi          # (N_train, N_query, T_query); res.sdi.sum(-1) == res.tracin
 """
 
 from . import tasks

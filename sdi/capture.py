@@ -109,7 +109,7 @@ def loop_parameters(model: nn.Module, loop_modules: list[nn.Module]) -> tuple[li
 
 
 class StepCapture:
-    """Context manager recording per-step inputs and output gradients of the loop's leaves.
+    """Context manager recording per-step inputs and output gradients of the loop's leaves::
 
         with StepCapture(model, loop_modules, leaves) as cap:
             losses = loss_fn(model, batch)             # (B,)

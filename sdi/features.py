@@ -138,11 +138,11 @@ class Featurizer:
         return {"kind": self.kind, "params": [[s.name, list(s.shape)] for s in self.slots]}
 
     def accumulate(self, cap: StepCapture, rec: LeafCalls, out: torch.Tensor) -> None:
-        """Add the contribution of every call in ``rec`` to ``out`` (B, T, *feature_shape)."""
+        """Add the contribution of every call in ``rec`` to ``out`` ``(B, T, *feature_shape)``."""
         raise NotImplementedError
 
     def featurize(self, cap: StepCapture, out: torch.Tensor) -> None:
-        """Add the contributions of all recorded leaves to ``out`` (B, T, *feature_shape).
+        """Add the contributions of all recorded leaves to ``out`` ``(B, T, *feature_shape)``.
 
         A featurizer may override this to share work across leaves (e.g. one inverse FFT per batch).
         """
@@ -221,9 +221,11 @@ class ExactFeaturizer(Featurizer):
 class StepFeatures:
     """Features of N examples at every step.
 
-    features: (N, T, *feature_shape) float32 — ``features[:, t]`` represents ``phi_{t+1}``
-    losses:   (N,)  per-example loss at these weights
-    fingerprint: what made them (featurizer kind, sketch seed and size, parameter layout)
+    Fields::
+
+        features:    (N, T, *feature_shape) float32 — features[:, t] represents phi_{t+1}
+        losses:      (N,)  per-example loss at these weights
+        fingerprint: what made them (featurizer kind, sketch seed and size, parameter layout)
     """
 
     features: torch.Tensor
@@ -238,7 +240,7 @@ class StepFeatures:
         return self.features.shape[0]
 
     def total(self) -> torch.Tensor:
-        """Feature of the full (tied) gradient: ``sum_t phi_t`` -> (N, *feature_shape)."""
+        """Feature of the full (tied) gradient: ``sum_t phi_t`` -> ``(N, *feature_shape)``."""
         return self.features.sum(1)
 
     def check_compatible(self, other: "StepFeatures") -> None:
@@ -273,9 +275,9 @@ def batch_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one batch: ``(features (B, T, *feature_shape), losses (B,))``.
 
-    Runs ``loss_fn(model, batch)`` under :class:`StepCapture`, back-propagates the summed loss to the
+    Runs ``loss_fn(model, batch)`` under :class:`~sdi.capture.StepCapture`, back-propagates the summed loss to the
     outputs of the loop's layers and builds the features. With ``check`` it also asks autograd for the
-    loop parameters' batch gradient and raises :class:`CaptureError` unless the features add up to it —
+    loop parameters' batch gradient and raises :class:`~sdi.CaptureError` unless the features add up to it —
     proof that the hooks saw every use of every parameter. Callers check the first batch of every pass:
     which parameters the hooks see is a property of the model's code, not of the data.
     """
@@ -363,7 +365,7 @@ def _check_complete(cap: StepCapture, featurizer: Featurizer, true_grads: tuple,
 
 def check_gradients_match(slots: list[ParamSlot], captured: dict[int, torch.Tensor], expected: Sequence,
                           dtype: torch.dtype) -> None:
-    """Raise :class:`CaptureError` naming every slot whose ``captured[id(param)]`` differs from ``expected``.
+    """Raise :class:`~sdi.CaptureError` naming every slot whose ``captured[id(param)]`` differs from ``expected``.
 
     ``expected`` holds autograd's batch gradient per slot (None = unused), or any fixed linear image of it
     (a sketch) as long as ``captured`` lives in the same space.

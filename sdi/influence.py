@@ -23,12 +23,11 @@ from typing import Any, Callable, Iterable, NamedTuple, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from .capture import loop_parameters, normalize_loop
 from .features import ExactFeaturizer, Featurizer, StepFeatures, batch_features, check_fingerprints
 from .sketch import DEFAULT_SKETCH_DIM, GroupSpec, SketchFeaturizer
-from .train import Checkpoint, load_checkpoint
+from .train import Checkpoint, load_checkpoint, progress_bar
 
 CheckpointSpec = Any  # (path | state_dict | Checkpoint, eta) or a Checkpoint (eta = its lr)
 
@@ -42,16 +41,16 @@ class TopK(NamedTuple):
 
 @dataclass
 class InfluenceResult:
-    """Influence of ``N`` training examples on ``Q`` queries.
+    """Influence of ``N`` training examples on ``Q`` queries::
 
-    sdi:            (N, Q, T_query)   query-side SDI, ``sdi.sum(-1) == tracin``
-    train_sdi:      (N, Q, T_train)   train-side SDI, ``train_sdi.sum(-1) == tracin``
-    tracin:         (N, Q)            TracIn
-    step_matrix:    (N, Q, T_train, T_query) or None (ask with ``step_matrix=True``)
-    checkpoint_sdi: (K, N, Q, T_query) or None — each checkpoint's eta-weighted share of ``sdi``
-    etas:           (K,) the learning-rate weights
-    train_losses:   (K, N), query_losses: (K, Q) — losses at each checkpoint
-    meta:           plain-JSON description (featurizer fingerprint, sketch size and seed, ...)
+        sdi:            (N, Q, T_query)   query-side SDI, sdi.sum(-1) == tracin
+        train_sdi:      (N, Q, T_train)   train-side SDI, train_sdi.sum(-1) == tracin
+        tracin:         (N, Q)            TracIn
+        step_matrix:    (N, Q, T_train, T_query) or None (ask with step_matrix=True)
+        checkpoint_sdi: (K, N, Q, T_query) or None — each checkpoint's eta-weighted share of sdi
+        etas:           (K,) the learning-rate weights
+        train_losses:   (K, N), query_losses: (K, Q) — losses at each checkpoint
+        meta:           plain-JSON description (featurizer fingerprint, sketch size and seed, ...)
 
     Step indices are 0-based positions on the last axis: ``step=s`` is iteration ``t = s + 1``.
     """
@@ -111,7 +110,7 @@ class InfluenceResult:
         return TopK(idx, -vals if opponents else vals)
 
     def conservation_error(self) -> float:
-        """max |sum_t SDI_t - TracIn| / max |TracIn| (0 up to rounding)."""
+        """``max |sum_t SDI_t - TracIn| / max |TracIn|`` (0 up to rounding)."""
         scale = self.tracin.abs().max().clamp_min(1e-30)
         return float(torch.maximum((self.sdi.sum(-1) - self.tracin).abs().max(),
                                    (self.train_sdi.sum(-1) - self.tracin).abs().max()) / scale)
@@ -150,6 +149,7 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InfluenceResult":
+        """Read a result written by :meth:`save` (plain arrays, no pickles)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"result file not found: {path}")
@@ -181,16 +181,20 @@ def _as_batches(batches: Iterable, name: str) -> list:
 class StepInfluence:
     """Step-resolved influence of training examples on queries for any looped ``nn.Module``.
 
-    model:      the model; its weights are restored after every call.
-    loop:       the module(s) the model calls once per iteration (e.g. ``model.block``); their trainable
-                parameters are the ones attributed.
-    loss_fn:    ``loss_fn(model, batch) -> (B,)`` per-example losses.
-    sketch_dim: ``m``, the width of the TensorSketch features (default :data:`sdi.sketch.DEFAULT_SKETCH_DIM`),
-                or ``None`` for exact per-example gradients (``P`` floats per example and step; for validation).
-    seed:       the sketch's seed; train and query features must share it.
-    groups:     sketched features only: ``None`` (one sketch of all parameters, features (N, T, m)),
-                ``"module"`` (attention / mlp / norm / other kept apart, features (N, T, G, m)) or a callable
-                ``parameter name -> group name``.
+    Arguments::
+
+        model:      the model; its weights are restored after every call.
+        loop:       the module(s) the model calls once per iteration (e.g. model.block); their trainable
+                    parameters are the ones attributed.
+        loss_fn:    loss_fn(model, batch) -> (B,) per-example losses.
+        sketch_dim: m, the width of the TensorSketch features (default sdi.sketch.DEFAULT_SKETCH_DIM),
+                    or None for exact per-example gradients (P floats per example and step; for validation).
+        seed:       the sketch's seed; train and query features must share it.
+        groups:     sketched features only: None (one sketch of all parameters, features (N, T, m)),
+                    "module" (attention / mlp / norm / other kept apart, features (N, T, G, m)) or a callable
+                    parameter name -> group name.
+
+    Example::
 
         attr = StepInfluence(model, loop=model.block, loss_fn=loss_fn)
         res = attr.influence(train_batches, query_batches, checkpoints=[(path, eta), ...])
@@ -240,8 +244,8 @@ class StepInfluence:
         loss_fn = loss_fn or self.loss_fn
         feats, losses, T = [], [], None
         with _eval_mode(self.model):
-            for i, batch in enumerate(tqdm(batches, desc=desc, disable=not self.progress or len(batches) < 4,
-                                           leave=False)):
+            for i, batch in enumerate(progress_bar(batches, self.progress and len(batches) >= 4, desc=desc,
+                                                leave=False)):
                 f, l = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer, loss_fn, batch, T,
                                       check=i == 0)
                 T = f.shape[1]
@@ -261,10 +265,13 @@ class StepInfluence:
     ) -> InfluenceResult:
         """TracIn, query- and train-side SDI (and optionally the step x step matrix) over ``checkpoints``.
 
-        checkpoints:   ``[(path_or_state_dict, eta), ...]`` or :class:`sdi.train.Checkpoint` objects;
-                       ``None`` uses the current weights with ``eta = 1``.
-        query_loss_fn: loss for the queries if it differs from the training one — e.g. the same loss run
-                       with more iterations (``functools.partial(loss_fn, n_loops=16)``).
+        Arguments::
+
+            checkpoints:   [(path_or_state_dict, eta), ...] or sdi.train.Checkpoint objects;
+                           None uses the current weights with eta = 1.
+            query_loss_fn: loss for the queries if it differs from the training one — e.g. the same loss run
+                           with more iterations (functools.partial(loss_fn, n_loops=16)).
+
         Train features are streamed batch by batch and never stored; only the query features are kept.
         """
         train_batches = _as_batches(train_batches, "train_batches")
@@ -306,7 +313,7 @@ class StepInfluence:
         out = {name: [] for name in ("sdi", "train_sdi", "tracin", "train_losses", "step_matrix")}
         T = None
         with _eval_mode(self.model):
-            bar = tqdm(train_batches, desc=f"train (checkpoint {k + 1}/{K})", disable=not self.progress, leave=False)
+            bar = progress_bar(train_batches, self.progress, desc=f"train (checkpoint {k + 1}/{K})", leave=False)
             for i, batch in enumerate(bar):
                 feats, losses = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer,
                                                self.loss_fn, batch, T, check=i == 0)

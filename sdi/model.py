@@ -123,9 +123,11 @@ class LoopBlock(nn.Module):
 class LoopedOutput(NamedTuple):
     """What ``LoopedGPT.forward(..., return_steps=True)`` returns.
 
-    logits:        (B, L, V)          read-out after the last iteration
-    hidden_states: (T + 1, B, L, D)   ``h_0 .. h_T``
-    step_logits:   (T, B, L, V)       logit lens: ``head(ln_f(h_t))`` for t = 1..T
+    Fields::
+
+        logits:        (B, L, V)          read-out after the last iteration
+        hidden_states: (T + 1, B, L, D)   h_0 .. h_T
+        step_logits:   (T, B, L, V)       logit lens: head(ln_f(h_t)) for t = 1..T
     """
 
     logits: torch.Tensor
@@ -134,7 +136,8 @@ class LoopedOutput(NamedTuple):
 
 
 class LoopedGPT(nn.Module):
-    """Decoder-only transformer whose single :class:`LoopBlock` (``self.block``) is applied ``n_loops`` times."""
+    """Decoder-only transformer whose single :class:`~sdi.model.LoopBlock` (``self.block``) is applied
+    ``n_loops`` times."""
 
     def __init__(self, cfg: LoopedGPTConfig, seed: int | None = 0) -> None:
         super().__init__()

@@ -309,14 +309,16 @@ class _BatchTarget:
 class SketchFeaturizer(Featurizer):
     """Sketched per-(example, step) gradients: features (B, T, m), or (B, T, G, m) with ``groups``.
 
-    sketch_dim:  ``m``, the width of a sketch.
-    seed:        fixes every hash; train and query features must share it (and ``m``, and the parameters).
-    groups:      None (one sketch of all parameters), ``"module"`` (attention / mlp / norm / other, as present),
-                 or a callable ``parameter name -> group name``.
-    leaves:      ``{leaf name: module}`` (from :func:`sdi.capture.loop_parameters`); used by ``groups="module"``.
-    max_chunk_elements: bound on each kernel temporary, in float32 elements.
-    linear_kernel: ``"auto"`` (cost model), ``"fft"`` (TensorSketch) or ``"outer"`` (per-example outer
-                 products, a few at a time) for Linear weights; all give the same features up to rounding.
+    Arguments::
+
+        sketch_dim:  m, the width of a sketch.
+        seed:        fixes every hash; train and query features must share it (and m, and the parameters).
+        groups:      None (one sketch of all parameters), "module" (attention / mlp / norm / other, as present),
+                     or a callable: parameter name -> group name.
+        leaves:      {leaf name: module} (from sdi.capture.loop_parameters); used by groups="module".
+        max_chunk_elements: bound on each kernel temporary, in float32 elements.
+        linear_kernel: "auto" (cost model), "fft" (TensorSketch) or "outer" (per-example outer
+                     products, a few at a time) for Linear weights; all give the same features up to rounding.
     """
 
     kind = "sketch"
@@ -386,7 +388,8 @@ class SketchFeaturizer(Featurizer):
 
     # -- the map -------------------------------------------------------------------------------------
     def dense(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sketch of dense gradients, one tensor per slot of shape (*batch, *param_shape) -> (*batch, *feature_shape).
+        """Sketch of dense gradients, one tensor per slot of shape ``(*batch, *param_shape)`` ->
+        ``(*batch, *feature_shape)``.
 
         This is the definition the fast kernels reproduce: a CountSketch of each flattened parameter gradient,
         with the hashes of :func:`sketch_spec`, summed within each group.
@@ -407,7 +410,7 @@ class SketchFeaturizer(Featurizer):
         return out if self.slot_groups is not None else out.squeeze(-2)
 
     def featurize(self, cap: StepCapture, out: torch.Tensor) -> None:
-        """Add the sketches of every recorded call to ``out`` (B, T, *feature_shape), one ``irfft`` in all."""
+        """Add the sketches of every recorded call to ``out`` ``(B, T, *feature_shape)``, one ``irfft`` in all."""
         target = _BatchTarget(out, self.sketch_dim, self.n_groups)
         for rec in cap.calls.values():
             self._add_leaf(cap, rec, target)

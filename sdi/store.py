@@ -50,11 +50,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .features import StepFeatures, check_fingerprints
 from .influence import InfluenceResult, TopK
-from .train import Checkpoint, load_checkpoint
+from .train import Checkpoint, load_checkpoint, progress_bar
 
 FORMAT = "sdi-feature-store"
 VERSION = 1
@@ -394,7 +393,8 @@ def init_store(path: str | os.PathLike, header: dict, meta: dict | None = None) 
 
 def write_chunk(root: Path, k: int, i: int, rows: tuple[int, int], features: torch.Tensor, losses: torch.Tensor,
                 dtype: str, data_sha256: str) -> dict:
-    """Write chunk ``i`` of checkpoint ``k``: features (rows, T, *feature_shape), losses (rows,); then its record."""
+    """Write chunk ``i`` of checkpoint ``k``: features ``(rows, T, *feature_shape)``, losses ``(rows,)``; then its
+    record."""
     start, stop = rows
     if features.shape[0] != stop - start or losses.shape != (stop - start,):
         raise ValueError(f"chunk {i} covers rows {start}:{stop} but got features {tuple(features.shape)} and "
@@ -536,12 +536,14 @@ def featurize(
 ) -> "FeatureStore":
     """Compute (or resume) the train features of ``data`` at every checkpoint into the store at ``path``.
 
-    attr:        an :class:`sdi.StepInfluence` (anything with ``.model``, ``.features(batches, loss_fn, desc)``
-                 returning :class:`StepFeatures` (B, T, *feature_shape), and ``.fingerprint()``).
-    data:        ``len(data)`` examples, ``data.batch(slice) -> batch`` (e.g. a :class:`sdi.tasks.TaskDataset`).
-    checkpoints: ``[(path | state_dict, eta), ...]`` or :class:`sdi.train.Checkpoint` objects.
-    chunk_size:  rows per chunk file; chunk ``i`` holds rows ``[i * chunk_size, (i + 1) * chunk_size)`` and is
-                 featurized in batches of ``batch_size`` starting at its first row, whichever process does it.
+    Arguments::
+
+        attr:        an sdi.StepInfluence (anything with .model, .features(batches, loss_fn, desc)
+                     returning StepFeatures (B, T, *feature_shape), and .fingerprint()).
+        data:        len(data) examples, data.batch(slice) -> batch (e.g. an sdi.tasks.TaskDataset).
+        checkpoints: [(path | state_dict, eta), ...] or sdi.train.Checkpoint objects.
+        chunk_size:  rows per chunk file; chunk i holds rows [i * chunk_size, (i + 1) * chunk_size) and is
+                     featurized in batches of batch_size starting at its first row, whichever process does it.
 
     Chunks already on disk with a valid record and checksum are kept; missing, truncated or corrupted ones are
     (re)computed. Under ``torch.distributed`` (``torchrun``) rank ``r`` of ``W`` owns the chunks with
@@ -566,8 +568,8 @@ def featurize(
     stats = FeaturizeStats()
     original = {k: v.detach().clone() for k, v in attr.model.state_dict().items()}
     device = next(attr.model.parameters()).device
-    bar = tqdm(total=len(refs) * len(mine), desc=f"featurize (rank {rank}/{world})" if world > 1 else "featurize",
-               disable=not progress or rank != 0, unit="chunk")
+    bar = progress_bar(None, progress and rank == 0, total=len(refs) * len(mine), unit="chunk",
+                       desc=f"featurize (rank {rank}/{world})" if world > 1 else "featurize")
     quiet = getattr(attr, "progress", None)
     try:
         if quiet is not None:
@@ -621,7 +623,7 @@ def featurize(
 
 def query_features(attr: Any, checkpoints: Sequence[Any], query_batches: Sequence[Any],
                    query_loss_fn: Callable | None = None, store: "FeatureStore | None" = None) -> list[StepFeatures]:
-    """Query features at every checkpoint, in memory: a list of K :class:`StepFeatures` (Q, T_query, D).
+    """Query features at every checkpoint, in memory: a list of K :class:`~sdi.StepFeatures` (Q, T_query, D).
 
     With ``store`` the model, checkpoints and featurizer are first checked against its manifest. The model's
     weights are restored afterwards.
@@ -671,7 +673,7 @@ class StreamTopK:
               "tracin_opp_indices", "tracin_opp_scores", "query_losses")
 
     def top_k(self, query: int, step: int | None = None, opponents: bool = False) -> TopK:
-        """Like :meth:`InfluenceResult.top_k`: ``step`` is a 0-based iteration, ``None`` ranks by TracIn."""
+        """Like :meth:`sdi.InfluenceResult.top_k`: ``step`` is a 0-based iteration, ``None`` ranks by TracIn."""
         if step is None:
             idx, val = (self.tracin_opp_indices, self.tracin_opp_scores) if opponents else \
                 (self.tracin_indices, self.tracin_scores)
@@ -835,7 +837,7 @@ class FeatureStore:
         """Check every chunk file against its record; returns the problems found (empty when intact)."""
         problems = []
         pairs = [(k, i) for k in range(self.n_checkpoints) for i in range(self.n_chunks)]
-        for k, i in tqdm(pairs, desc="verify", disable=not progress):
+        for k, i in progress_bar(pairs, progress, desc="verify"):
             p = chunk_problem(self.root, self.manifest["chunks"][k][i], self.dtype)
             if p is not None:
                 problems.append(f"checkpoint {k} chunk {i}: {p}")
@@ -885,14 +887,14 @@ class FeatureStore:
     def top_k(self, queries: Sequence[StepFeatures], k: int = 10, progress: bool = True) -> StreamTopK:
         """Streaming top-``k`` proponents and opponents per (query, step) and by TracIn over all N examples.
 
-        queries: K :class:`StepFeatures` (Q, T_query, D), one per checkpoint (see :func:`query_features`).
+        queries: K :class:`~sdi.StepFeatures` (Q, T_query, D), one per checkpoint (see :func:`query_features`).
         Reads one chunk at a time (memory ~ one chunk plus (chunk_size, Q, T_query) scores).
         """
         if not isinstance(k, int) or not 1 <= k <= self.n:
             raise ValueError(f"k must be an int in [1, N={self.n}], got {k!r}")
         qs = self._check_queries(queries)
         best: dict[str, tuple] = {name: (None, None) for name in ("sdi", "sdi_opp", "tracin", "tracin_opp")}
-        for i in tqdm(range(self.n_chunks), desc="influence (streaming top-k)", disable=not progress, unit="chunk"):
+        for i in progress_bar(range(self.n_chunks), progress, desc="influence (streaming top-k)", unit="chunk"):
             scores = self._chunk_scores(i, qs)
             sdi = scores["sdi"][0]
             for part in scores["sdi"][1:]:
@@ -916,7 +918,8 @@ class FeatureStore:
 
     def influence(self, queries: Sequence[StepFeatures], step_matrix: bool = False, keep_checkpoints: bool = True,
                   max_elements: int = 2 * 10**8, progress: bool = True) -> InfluenceResult:
-        """Full TracIn and query-/train-side SDI of all N stored examples on the queries: an :class:`InfluenceResult`.
+        """Full TracIn and query-/train-side SDI of all N stored examples on the queries, as an
+        :class:`~sdi.InfluenceResult`.
 
         For stores whose ``N x Q x T`` results fit in memory (``max_elements`` floats in all); otherwise use
         :meth:`top_k`. Agrees with :meth:`sdi.StepInfluence.influence` on the same examples and checkpoints.
@@ -928,7 +931,7 @@ class FeatureStore:
             raise StoreError(f"the full result would hold {size:,} floats (> max_elements={max_elements:,}); use "
                              "store.top_k(queries, k) for large stores, or raise max_elements")
         parts: dict[str, list] = {"sdi": [], "ck": [], "tracin": [], "train_sdi": [], "step_matrix": []}
-        for i in tqdm(range(self.n_chunks), desc="influence", disable=not progress, unit="chunk"):
+        for i in progress_bar(range(self.n_chunks), progress, desc="influence", unit="chunk"):
             scores = self._chunk_scores(i, qs, train_side=True, step_matrix=step_matrix)
             sdi = scores["sdi"][0]
             for part in scores["sdi"][1:]:

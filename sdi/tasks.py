@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -177,33 +177,87 @@ CHAIN_SYMBOLS = "0123456789" + VARIABLES + "=;?"
 
 
 def parity(n_examples: int, n_bits: int = 8, seed: int = 0, distinct: bool = False,
-           curriculum: bool = False) -> TaskDataset:
+           curriculum: bool = False, exclude: Iterable[str] | TaskDataset | None = None,
+           leading_one: bool = False) -> TaskDataset:
     """Parity of ``n_bits`` bits: prompt ``"10110100="``, answer ``"0"`` (even number of ones) or ``"1"``.
 
-    ``distinct=True`` draws examples without replacement (needs ``n_examples <= 2**n_bits``).
+    ``distinct=True`` draws examples without replacement (needs enough distinct strings).
     ``curriculum=True`` draws the number of random trailing bits uniformly from ``1..n_bits`` and sets the
     leading ones to ``0``: the data then holds easy parities of 1, 2, ... bits next to hard ones, which is
     what lets a small transformer learn the full parity in minutes (uniform strings alone give gradient
-    descent no signal to start from). Use it for training sets, not for test sets.
+    descent no signal to start from). Use it for training sets, not for test sets. A looped model trained
+    on it learns to fold in about one more trailing bit per iteration, so it needs ``n_loops >= n_bits + 1``
+    (see :func:`sdi.presets.parity_setup`).
+    ``leading_one=True`` makes the first bit ``1``: every string then really has ``n_bits`` active bits
+    (the hardest case of the curriculum) — a natural held-out test set.
+    ``exclude`` (bit strings, or a parity :class:`TaskDataset`) lists strings that are never drawn, e.g. the
+    test set's, so that test accuracy measures generalisation to unseen strings; an excluded string is
+    redrawn. With ``exclude=None`` the strings are exactly those of earlier versions for the same arguments.
     """
     _check_positive(n_examples=n_examples, n_bits=n_bits)
     rng = random.Random(seed)
     if curriculum and distinct:
         raise ValueError("curriculum and distinct cannot be combined")
+    if curriculum and leading_one:
+        raise ValueError("curriculum and leading_one cannot be combined (leading_one means no leading zeros)")
+    banned = _bit_strings(exclude, n_bits)
+    free = 2 ** (n_bits - leading_one) - sum(1 for s in banned if s[0] == "1" or not leading_one)
+    if free < 1:
+        raise ValueError(f"exclude leaves no {n_bits}-bit string to draw")
+    prefix = "1" if leading_one else ""
+    n_random = n_bits - len(prefix)
     if curriculum:
         strings = []
-        for _ in range(n_examples):
+        while len(strings) < n_examples:
             active = rng.randint(1, n_bits)
-            strings.append("0" * (n_bits - active) + "".join(rng.choice("01") for _ in range(active)))
+            s = "0" * (n_bits - active) + "".join(rng.choice("01") for _ in range(active))
+            if s not in banned:
+                strings.append(s)
     elif distinct:
-        if n_examples > 2**n_bits:
-            raise ValueError(f"n_examples={n_examples} > 2**n_bits={2 ** n_bits} distinct bit strings")
-        codes = rng.sample(range(2**n_bits), n_examples)
-        strings = [format(c, f"0{n_bits}b") for c in codes]
+        if n_examples > free:
+            raise ValueError(f"n_examples={n_examples} > {free} distinct bit strings available "
+                             f"(n_bits={n_bits}, leading_one={leading_one}, {len(banned)} excluded)")
+        if banned:
+            codes = [c for c in range(2**n_random) if prefix + format(c, f"0{n_random}b") not in banned]
+            codes = rng.sample(codes, n_examples)
+        else:
+            codes = rng.sample(range(2**n_random), n_examples)
+        strings = [prefix + format(c, f"0{n_random}b") if n_random else prefix for c in codes]
     else:
-        strings = ["".join(rng.choice("01") for _ in range(n_bits)) for _ in range(n_examples)]
+        strings = []
+        while len(strings) < n_examples:
+            s = prefix + "".join(rng.choice("01") for _ in range(n_random))
+            if s not in banned:
+                strings.append(s)
+    return parity_dataset(strings)
+
+
+def parity_dataset(strings: Iterable[str]) -> TaskDataset:
+    """The parity task on the given bit strings (all of one length), e.g. ``parity_dataset(["0110", "1111"])``."""
+    strings = list(strings)
+    if not strings:
+        raise ValueError("strings must not be empty")
+    bad = [s for s in strings if not isinstance(s, str) or not s or set(s) - {"0", "1"}]
+    if bad:
+        raise ValueError(f"strings must be non-empty strings of '0' and '1', got {bad[0]!r}")
     examples = [Example(s + "=", str(s.count("1") % 2)) for s in strings]
     return TaskDataset.from_examples("parity", Tokenizer(PARITY_SYMBOLS), examples)
+
+
+def _bit_strings(exclude: Iterable[str] | TaskDataset | None, n_bits: int) -> frozenset[str]:
+    """``exclude`` as a set of bit strings of length ``n_bits`` (a dataset gives its prompts without ``=``)."""
+    if exclude is None:
+        return frozenset()
+    if isinstance(exclude, TaskDataset):
+        items = [e.prompt.rstrip("=") for e in exclude.examples]
+    elif isinstance(exclude, str):
+        raise TypeError("exclude must be a collection of bit strings or a TaskDataset, not a single string")
+    else:
+        items = list(exclude)
+    bad = [s for s in items if not isinstance(s, str) or len(s) != n_bits or set(s) - {"0", "1"}]
+    if bad:
+        raise ValueError(f"exclude must hold {n_bits}-bit strings of '0' and '1', got {bad[0]!r}")
+    return frozenset(items)
 
 
 def addition(n_examples: int, n_digits: int = 3, seed: int = 0) -> TaskDataset:

@@ -113,6 +113,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
+def progress_bar(iterable, enabled: bool = True, **kwargs) -> tqdm:
+    """``tqdm.auto.tqdm(iterable, **kwargs)``, off when ``enabled`` is False.
+
+    ``disable`` is passed only to switch the bar off, so ``TQDM_DISABLE=1`` in the environment (which the book's
+    builds and the tests set) still silences it when ``enabled`` is True.
+    """
+    return tqdm(iterable, **kwargs) if enabled else tqdm(iterable, disable=True, **kwargs)
+
+
+def _fused_if_supported(params: list[torch.Tensor]) -> dict:
+    """``{"fused": True}`` where the fused AdamW kernel applies (several times faster for small models on the CPU)."""
+    if params and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                      for p in params):
+        return {"fused": True}
+    return {}
+
+
 def train(
     model: torch.nn.Module,
     data: TaskDataset,
@@ -136,13 +153,13 @@ def train(
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=(0.9, 0.98),
+        lr=config.lr, betas=(0.9, 0.98), **_fused_if_supported(decay + no_decay),
     )
     save_at = {round(config.steps * (k + 1) / config.n_checkpoints) for k in range(config.n_checkpoints)}
     checkpoints, losses, history = [], [], []
     model.train()
     start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=f"train {data.name}", disable=not progress)
+    bar = progress_bar(range(config.steps), progress, desc=f"train {data.name}")
     for step in bar:
         lr = config.lr_at(step)
         for group in opt.param_groups:

@@ -1,4 +1,4 @@
-"""Explore step-resolved influence: an ipywidgets explorer and a self-contained static HTML export.
+"""Explore step-resolved influence: an ipywidgets explorer and a self-contained static HTML export::
 
     from sdi_widgets import InfluenceExplorer, explorer_inputs
     explorer = InfluenceExplorer(result, k=10, **explorer_inputs(model, train, queries, n_loops=8))

@@ -29,9 +29,11 @@ SIGNS = ("proponents", "opponents")
 class Ranking:
     """The top-k training examples of one (view, query, step, sign), strongest first.
 
-    indices:    (k,) training-example indices
-    scores:     (k,) their SDI_t
-    prev_ranks: (k,) 1-based rank among all N at the previous iteration (same sign); 0 at the first iteration
+    Fields::
+
+        indices:    (k,) training-example indices
+        scores:     (k,) their SDI_t
+        prev_ranks: (k,) 1-based rank among all N at the previous iteration (same sign); 0 at the first iteration
     """
 
     indices: torch.Tensor
@@ -58,14 +60,16 @@ def load_result(result: InfluenceResult | str | os.PathLike) -> InfluenceResult:
 class ExplorerData:
     """Validated inputs plus precomputed rankings; shared by :class:`InfluenceExplorer` and the static page.
 
-    result:        an InfluenceResult (``sdi`` (N, Q, T)) or the path of a saved one
-    train_texts:   N readable training examples (e.g. prompts, or ``data.texts()``)
-    query_texts:   Q readable queries
-    k:             how many examples each ranking holds, ``1 <= k <= N``
-    train_labels:  optional N answers shown next to the training texts
-    flipped:       optional indices of training examples whose label was corrupted (they get a marker)
-    query_answers: optional (Q, T) nested list: the model's answer to each query after each iteration
-    query_truth:   optional Q right answers; with ``query_answers`` each answer is marked right or wrong
+    Arguments::
+
+        result:        an InfluenceResult (sdi (N, Q, T)) or the path of a saved one
+        train_texts:   N readable training examples (e.g. prompts, or data.texts())
+        query_texts:   Q readable queries
+        k:             how many examples each ranking holds, 1 <= k <= N
+        train_labels:  optional N answers shown next to the training texts
+        flipped:       optional indices of training examples whose label was corrupted (they get a marker)
+        query_answers: optional (Q, T) nested list: the model's answer to each query after each iteration
+        query_truth:   optional Q right answers; with query_answers each answer is marked right or wrong
     """
 
     def __init__(

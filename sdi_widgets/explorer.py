@@ -34,11 +34,13 @@ MONO = "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace"
 class InfluenceExplorer(widgets.VBox):
     """An ipywidgets explorer of an influence result; ``display(explorer)`` shows it.
 
-    result:        an :class:`sdi.InfluenceResult` (``sdi`` (N, Q, T)) or the path of a saved one (.npz)
-    train_texts:   N readable training examples; query_texts: Q readable queries
-    k:             how many training examples each ranking shows (1 <= k <= N)
-    train_labels, flipped, query_answers, query_truth: optional extras, see :class:`ExplorerData`
-                   (:func:`sdi_widgets.explorer_inputs` computes all of them for a LoopedGPT)
+    Arguments (the optional extras are described in :class:`~sdi_widgets.ExplorerData`;
+    :func:`~sdi_widgets.inputs.explorer_inputs` computes all of them for a LoopedGPT)::
+
+        result:        an sdi.InfluenceResult (sdi (N, Q, T)) or the path of a saved one (.npz)
+        train_texts:   N readable training examples; query_texts: Q readable queries
+        k:             how many training examples each ranking shows (1 <= k <= N)
+        train_labels, flipped, query_answers, query_truth: optional extras
 
     Controls (public, so notebooks and tests can drive them): ``filter`` (Text), ``query`` (Dropdown of
     query indices), ``step`` (IntSlider over iterations ``t = 1..T``), ``play`` (Play), ``sign``

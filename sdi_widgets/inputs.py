@@ -1,4 +1,4 @@
-"""What the explorer shows beside the scores, computed from a trained LoopedGPT and its datasets.
+"""What the explorer shows beside the scores, computed from a trained LoopedGPT and its datasets::
 
     inputs = explorer_inputs(model, train, queries, n_loops=8)
     InfluenceExplorer(result, k=10, **inputs)
@@ -17,7 +17,8 @@ from sdi.tasks import TaskDataset, decode_answers, predict
 
 def explorer_inputs(model: torch.nn.Module, train_data: TaskDataset, query_data: TaskDataset,
                     n_loops: int | None = None) -> dict[str, Any]:
-    """Keyword arguments for :class:`InfluenceExplorer` / :func:`write_html` from a model and its data.
+    """Keyword arguments for :class:`~sdi_widgets.InfluenceExplorer` / :func:`~sdi_widgets.static.write_html`
+    from a model and its data.
 
     Returns ``train_texts`` (N prompts), ``train_labels`` (N answers as trained on, flipped ones included),
     ``flipped`` (indices), ``query_texts`` (Q prompts), ``query_truth`` (Q right answers) and

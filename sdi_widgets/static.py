@@ -44,7 +44,7 @@ def write_html(
 ) -> Path:
     """Write the static explorer of ``result`` to ``path`` (atomically) and return the path.
 
-    ``extras`` are :class:`ExplorerData`'s optional keyword arguments: ``train_labels``, ``flipped``,
+    ``extras`` are :class:`~sdi_widgets.ExplorerData`'s optional keyword arguments: ``train_labels``, ``flipped``,
     ``query_answers`` (Q, T) and ``query_truth``. This is what ``sdi explore`` calls.
     """
     data = ExplorerData(result, train_texts, query_texts, k, **extras)

@@ -8,7 +8,7 @@ import torch
 
 import sdi
 from sdi import tasks
-from sdi.tasks import IGNORE, accuracy, addition, loss_fn, parity, variable_chains
+from sdi.tasks import IGNORE, accuracy, addition, loss_fn, parity, parity_dataset, variable_chains
 
 
 @pytest.mark.parametrize("make", [lambda s: parity(20, seed=s), lambda s: addition(20, seed=s),
@@ -39,6 +39,29 @@ def test_task_semantics():
             env[lhs] = env[rhs] if rhs in env else rhs
         assert env[question.rstrip("?")] == e.answer
         assert 1 <= e.hops <= 3
+
+
+def test_parity_exclude_leading_one_and_curriculum():
+    test = parity(16, n_bits=6, seed=1, distinct=True, leading_one=True)
+    held_out = {e.prompt[:-1] for e in test.examples}
+    assert len(held_out) == 16 and all(s.startswith("1") for s in held_out)
+    train = parity(500, n_bits=6, seed=0, curriculum=True, exclude=test)
+    strings = [e.prompt[:-1] for e in train.examples]
+    assert not held_out & set(strings)
+    assert {len(s.lstrip("0")) for s in strings} >= {1, 2, 3, 4, 5, 6}  # easy and hard parities side by side
+    assert parity(30, n_bits=6, seed=0, curriculum=True).texts() == \
+        parity(30, n_bits=6, seed=0, curriculum=True, exclude=[]).texts()  # exclude=None/[] keeps the old stream
+    assert parity_dataset(["0110", "1110"]).examples[1].answer == "1"
+    with pytest.raises(ValueError, match="exclude leaves no"):
+        parity(1, n_bits=2, leading_one=True, exclude=["10", "11"])
+    with pytest.raises(ValueError, match="exclude must hold 6-bit"):
+        parity(4, n_bits=6, exclude=["0101"])
+    with pytest.raises(ValueError, match="distinct bit strings available"):
+        parity(17, n_bits=5, distinct=True, leading_one=True)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        parity(4, curriculum=True, leading_one=True)
+    with pytest.raises(TypeError, match="not a single string"):
+        parity(4, n_bits=4, exclude="0101")
 
 
 def test_chain_hops_fixed():
