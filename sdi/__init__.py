@@ -8,7 +8,7 @@
         res.sdi          # (N_train, N_query, T_query); res.sdi.sum(-1) == res.tracin
 """
 
-from . import tasks
+from . import presets, tasks
 from .capture import CaptureError
 from .features import StepFeatures
 from .influence import InfluenceResult, StepInfluence, TopK
@@ -21,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "Checkpoint", "InfluenceResult", "LoopedGPT", "LoopedGPTConfig", "LoopedOutput",
     "StepFeatures", "StepInfluence", "TopK", "TrainConfig", "TrainResult", "load_checkpoint", "save_checkpoint",
-    "tasks", "train",
+    "presets", "tasks", "train",
 ]

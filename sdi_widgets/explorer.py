@@ -90,7 +90,8 @@ class InfluenceExplorer(widgets.VBox):
         picker = widgets.HBox([self.filter, self.query] + ([self.checkpoint] if data.n_views > 1 else []))
         scrubber = widgets.HBox([self.play, self.step, self.sign])
         plots = widgets.VBox([self.plot, self.heatmap], layout=widgets.Layout(margin="0 0 0 14px"))
-        body = widgets.HBox([self.table, plots], layout=widgets.Layout(align_items="flex-start"))
+        # wraps the plots under the table where the page is narrow (a book column, a split notebook)
+        body = widgets.HBox([self.table, plots], layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap"))
         super().__init__(children=[picker, self.answers, scrubber, body])
 
         self.filter.observe(self._on_filter, names="value")
@@ -148,6 +149,9 @@ class InfluenceExplorer(widgets.VBox):
         self._render_step()
 
     def _on_step(self, change) -> None:
+        # jslink syncs the two in a browser; this keeps them equal when the slider is set from Python
+        if self.play.value != change["new"]:
+            self.play.value = change["new"]
         self._render_step()
 
     # -- rendering -----------------------------------------------------------------------------------

@@ -183,3 +183,14 @@ def test_accuracy_per_step_shape():
     losses = tasks.per_example_loss(model, data, per_step=True)
     assert losses.shape == (3, 10)
     assert torch.allclose(losses[-1], loss_fn(model, data.batch(slice(None))), atol=1e-5)
+
+
+def test_parity_preset_is_consistent():
+    train, test, model_config, train_config = sdi.presets.parity_setup(n_bits=5, steps=7)
+    assert train_config.steps == 7 and model_config.n_loops == 6
+    assert sorted(e.prompt for e in test.examples) == [format(i, "05b") + "=" for i in range(32)]
+    assert model_config.vocab_size == train.tokenizer.vocab_size and model_config.block_size == train.seq_len
+    logits = sdi.LoopedGPT(model_config)(train.tokens[:2])
+    assert logits.shape == (2, train.seq_len, train.tokenizer.vocab_size)
+    with pytest.raises(TypeError):
+        sdi.presets.parity_setup(not_a_field=1)
