@@ -48,7 +48,7 @@ def parity_setup(n_bits: int = 6, n_train: int = 2000, seed: int = 0, **train_ov
     holding out half of the strings that start with ``1`` (``exclude=``) left test accuracy at 0.4-0.7 at
     this budget (the model memorises), and 8 bits did not train within two minutes.
 
-    ``train_overrides`` replace fields of the returned :class:`TrainConfig` (e.g. ``steps=300``).
+    ``train_overrides`` replace fields of the returned :class:`~sdi.TrainConfig` (e.g. ``steps=300``).
     """
     test = parity(2**n_bits, n_bits=n_bits, distinct=True)
     train = parity(n_train, n_bits=n_bits, seed=seed, curriculum=True)

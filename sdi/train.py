@@ -113,7 +113,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return payload
 
 
-def progress_bar(iterable, enabled: bool = True, **kwargs) -> tqdm:
+def progress_bar(iterable, enabled: bool = True, **kwargs):  # -> tqdm.auto.tqdm
     """``tqdm.auto.tqdm(iterable, **kwargs)``, off when ``enabled`` is False.
 
     ``disable`` is passed only to switch the bar off, so ``TQDM_DISABLE=1`` in the environment (which the book's
