@@ -41,8 +41,8 @@ RUN_FORMAT = "sdi-run"
 TASKS = {"parity": tasks.parity, "addition": tasks.addition, "variable_chains": tasks.variable_chains}
 DEFAULT_TASK_ARGS = {"parity": {"n_bits": 6, "curriculum": True}, "addition": {"n_digits": 2},
                      "variable_chains": {"n_statements": 6, "max_hops": 3}}
-TRAIN_ONLY_ARGS = {"curriculum"}
-DEMO_SKETCH_DIM = 4096  # the demo model has ~12.7k loop parameters: a narrower sketch keeps its store small  # generator arguments that shape the training distribution, not the queries
+TRAIN_ONLY_ARGS = {"curriculum"}  # generator arguments that shape the training distribution, not the queries
+DEMO_SKETCH_DIM = 4096  # the demo model has ~12.7k loop parameters: a narrower sketch keeps its store small
 
 
 class CLIError(Exception):
