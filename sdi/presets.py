@@ -43,8 +43,7 @@ def parity_setup(n_bits: int = 6, n_train: int = 2000, seed: int = 0, **train_ov
 
     Training: 1000 AdamW steps of 64 examples at ``lr=3e-3``.
 
-    Measured on a 2-core CPU with one thread (``torch.set_num_threads(1)``; two threads made this tiny model
-    3x slower): 29-35 s of training; accuracy on all 64 strings 1.00 for seeds 0 and 2, but 0.50 for seed 1,
+    Measured on a 2-core CPU with one thread (``torch.set_num_threads(1)``): 29-35 s of training; accuracy on all 64 strings 1.00 for seeds 0 and 2, but 0.50 for seed 1,
     where training never leaves chance; seed 0 with two threads: 0.98. Parity is notoriously hard for gradient
     descent and the outcome is bimodal in the seed (and can change with the thread count or the device):
     check the accuracy before you attribute. With only the curriculum (chapter 1's data) the same model
