@@ -47,7 +47,7 @@ def parity_setup(n_bits: int = 6, n_train: int = 2000, seed: int = 0, **train_ov
     training) and with one (46 s). Parity is notoriously hard for gradient descent and the outcome depends on
     the seed (and on the thread count or device, through rounding): with two threads seeds 1, 2 and 3 gave
     0.97, 1.00 and 0.50 (stuck at chance), so check the accuracy before you attribute. Batches of 64 were
-    worse (seed 0: 0.98 with two threads; seed 1 stuck at chance); chapter 1's curriculum-only data reached
+    worse (seed 0: 0.98 with two threads; seed 1 stuck at chance with one); chapter 1's curriculum-only data reached
     0.98 / 0.88 / 0.91 (seeds 0/1/2); holding out half of the strings that start with ``1`` (``exclude=``)
     left test accuracy at 0.4-0.7 (the model memorises); 8 bits did not train within two minutes.
 
