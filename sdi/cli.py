@@ -1,9 +1,10 @@
-"""The ``sdi`` command line: train, featurize, influence, explore, demo.
+"""The ``sdi`` command line: train, featurize, influence, verify, explore, demo.
 
     sdi train      --task parity --out runs/parity          a run directory: run.json + checkpoints/
     sdi featurize  runs/parity                              train features -> runs/parity/store (resumable)
     torchrun --nproc_per_node=4 -m sdi.cli featurize runs/parity      the same, sharded over 4 processes
     sdi influence  runs/parity                              queries vs the store -> runs/parity/influence.npz
+    sdi verify     runs/parity                              check every chunk of the store against its CRC-32
     sdi explore    runs/parity/influence.npz                the static explorer HTML
     sdi demo                                                all of the above on parity, in minutes on a CPU
 
@@ -273,6 +274,22 @@ def explore_result(args: argparse.Namespace) -> Path:
     return Path(path)
 
 
+def verify_store(args: argparse.Namespace) -> int:
+    """``sdi verify``: check every chunk file of a store against the CRC-32 and size its manifest records."""
+    path = Path(args.store)
+    if (path / RUN_FILE).is_file():  # a run directory: its default store
+        path = path / "store"
+    st = fstore.FeatureStore.open(path)
+    problems = st.verify(progress=not args.quiet)
+    files = st.n_checkpoints * st.n_chunks
+    if problems:
+        listing = "\n  ".join(problems)
+        raise CLIError(f"{len(problems)} of {files} chunk file(s) in {path} are damaged or missing:\n  {listing}\n"
+                       "rerun `sdi featurize` with the same arguments to recompute exactly these")
+    print(f"{path}: all {files} chunk file(s) intact ({st.n} examples x {st.n_checkpoints} checkpoint(s))")
+    return files
+
+
 def demo(args: argparse.Namespace) -> Path:
     """``sdi demo``: train, featurize, influence and explore on the default parity task."""
     start = time.perf_counter()
@@ -379,6 +396,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="queries per forward/backward pass")
     _influence_options(p)
     p.set_defaults(func=influence_run)
+
+    p = sub.add_parser("verify", parents=[common], help="check a store's chunk files against their checksums",
+                       description="Read every chunk file of a feature store and check it against the CRC-32 and "
+                       "size in its manifest. Exit code 1 lists what is damaged or missing (`sdi featurize` "
+                       "recomputes exactly those).")
+    p.add_argument("store", help="store directory, or a run directory (then RUN/store)")
+    p.set_defaults(func=verify_store)
 
     p = sub.add_parser("explore", help="write the static explorer HTML of a result file",
                        description="Write a self-contained HTML explorer (no network) for a full result .npz.")

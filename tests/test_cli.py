@@ -28,7 +28,8 @@ def run_dir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["featurize"], ["influence"], ["explore"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["featurize"], ["influence"], ["verify"], ["explore"],
+                                     ["demo"]])
 def test_help_on_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main([*command, "--help"])
@@ -57,6 +58,9 @@ def test_featurize_influence_explore_end_to_end(run_dir, capsys):
     assert "featurized 48 examples x 2 checkpoints (T=4, D=128, float32)" in capsys.readouterr().out
     assert cli.main(["featurize", str(run_dir), *FEATURES]) == 0       # resumable: nothing left to do
     assert "0 chunk(s) computed, 6 reused" in capsys.readouterr().out
+
+    assert cli.main(["verify", str(run_dir), "--quiet"]) == 0
+    assert "all 6 chunk file(s) intact" in capsys.readouterr().out
 
     assert cli.main(["influence", str(run_dir), "--query-loops", "6", "--quiet"]) == 0
     result = run_dir / "influence.npz"
@@ -124,6 +128,18 @@ def test_errors_exit_nonzero_with_a_clear_message(run_dir, tmp_path, capsys):
     assert cli.main(["influence", str(other), "--top-k", "2", "--out", str(other / "top.npz"), "--quiet"]) == 0
     assert cli.main(["explore", str(other / "top.npz")]) == 1
     assert "needs a full result" in capsys.readouterr().err
+    # a damaged chunk is named by `sdi verify`, and `sdi featurize` recomputes exactly it
+    chunk = sorted((other / "store").rglob("*.npy"))[1]
+    data = bytearray(chunk.read_bytes())
+    data[-1] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    assert cli.main(["verify", str(other / "store"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "1 of 6 chunk file(s)" in err and "rerun `sdi featurize`" in err
+    with pytest.warns(UserWarning, match="does not match its CRC-32"):
+        assert cli.main(["featurize", str(other), *FEATURES]) == 0
+    assert "1 chunk(s) computed, 5 reused" in capsys.readouterr().out
+    assert cli.main(["verify", str(other), "--quiet"]) == 0
 
 
 def test_installed_command_exit_codes(tmp_path):
