@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 import sdi
+from sdi.files import atomic_write
 from sdi.sketch import DEFAULT_SKETCH_DIM
 from sdi.tasks import accuracy, loss_fn, parity, variable_chains
 
@@ -166,11 +166,7 @@ def print_table(results: dict) -> None:
 
 
 def write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ import torch
 
 import sdi
 from sdi.features import ExactFeaturizer, batch_features
+from sdi.files import atomic_write
 from sdi.sketch import DEFAULT_SKETCH_DIM, SketchFeaturizer
 from sdi.tasks import loss_fn, variable_chains
 
@@ -124,11 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()}}
     out = args.out or RESULTS / f"sketch_speed_n{args.n}_tau{args.tau}_d{args.d_model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
     return payload
 
 

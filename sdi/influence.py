@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
@@ -25,7 +24,8 @@ import torch
 import torch.nn as nn
 
 from .capture import loop_parameters, normalize_loop
-from .features import ExactFeaturizer, Featurizer, StepFeatures, batch_features, check_fingerprints
+from .features import ExactFeaturizer, Featurizer, StepFeatures, batch_features
+from .files import atomic_write
 from .sketch import DEFAULT_SKETCH_DIM, GroupSpec, SketchFeaturizer
 from .train import Checkpoint, load_checkpoint, progress_bar
 
@@ -133,19 +133,7 @@ class InfluenceResult:
             raise ValueError(f"result files end in .npz, got {path}")
         arrays = {k: getattr(self, k).detach().cpu().numpy() for k in self.ARRAYS if getattr(self, k) is not None}
         arrays["meta"] = np.array(json.dumps(self.meta))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "InfluenceResult":

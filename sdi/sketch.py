@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from .capture import LeafCalls, ParamSlot, StepCapture
-from .features import (Featurizer, check_gradients_match, embedding_factors, generic_per_example_grads, leaf_kind,
+from .features import (Featurizer, embedding_factors, generic_per_example_grads, leaf_kind,
                        linear_factors, norm_factors)
 
 #: Default sketch width ``m`` (floats per example and step). On the default-size models (LoopedGPT, d_model 64,

@@ -51,6 +51,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from . import files
 from .features import StepFeatures, check_fingerprints
 from .influence import InfluenceResult, TopK
 from .train import Checkpoint, load_checkpoint, progress_bar
@@ -259,36 +260,22 @@ class _CrcWriter:
         return self.f.write(data)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not every platform lets one open a directory
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, write: Callable[[Any], None], checksum: bool = True) -> int:
-    """Write ``path`` via a temporary file + fsync + ``os.replace``.
+    """:func:`sdi.files.atomic_write`, returning the CRC-32 of the bytes written (0 with ``checksum=False``).
 
-    ``write(f)`` gets a stream-only wrapper that checksums the bytes (returned as CRC-32), or with
-    ``checksum=False`` the real, seekable file (returns 0).
+    With ``checksum=True`` ``write(f)`` gets a stream-only wrapper that checksums the bytes; with
+    ``checksum=False`` the real, seekable file.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            w = _CrcWriter(f) if checksum else f
-            write(w)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return w.crc if checksum else 0
+    crc = 0
+
+    def body(f) -> None:
+        nonlocal crc
+        w = _CrcWriter(f) if checksum else f
+        write(w)
+        crc = w.crc if checksum else 0
+
+    files.atomic_write(path, body)
+    return crc
 
 
 def _write_npy(path: Path, array: np.ndarray) -> int:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 IGNORE = -100  # target value of positions that carry no loss
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .files import atomic_write
 from .tasks import TaskDataset, accuracy, loss_fn as task_loss_fn
 
 
@@ -85,21 +85,8 @@ class TrainResult:
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], **meta) -> Path:
     """Write ``{"state_dict": ..., **meta}`` atomically; ``meta`` holds plain values only (numbers, strings)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()}, **meta}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

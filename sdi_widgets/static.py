@@ -20,12 +20,12 @@ import hashlib
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from sdi.files import atomic_write
 from sdi.influence import InfluenceResult
 
 from .data import SIGNS, ExplorerData
@@ -52,22 +52,8 @@ def write_html(
 
 
 def write_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a page is meant to be served and shared
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`sdi.files.atomic_write`)."""
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def page_data(data: ExplorerData, initial: dict | None = None) -> dict[str, Any]:

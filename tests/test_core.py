@@ -136,6 +136,22 @@ def test_training_is_deterministic_and_checkpoints_carry_eta(tmp_path):
     assert r1.tracin_checkpoints[0] == (r1.checkpoints[0].path, r1.checkpoints[0].lr)
 
 
+def test_atomic_write_is_all_or_nothing(tmp_path):
+    from sdi.files import atomic_write
+
+    target = tmp_path / "sub" / "file.bin"
+    assert atomic_write(target, lambda f: f.write(b"first")) == target and target.read_bytes() == b"first"
+
+    def crash(f):
+        f.write(b"half of the second")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        atomic_write(target, crash)
+    assert target.read_bytes() == b"first"               # the old file survives whole
+    assert [p.name for p in target.parent.iterdir()] == ["file.bin"]  # and no temporary is left
+
+
 def test_checkpoint_loading_refuses_pickled_code(tmp_path):
     class Evil:
         def __reduce__(self):
