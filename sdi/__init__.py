@@ -6,20 +6,39 @@
         attr = sdi.StepInfluence(model, loop=model.block, loss_fn=sdi.tasks.loss_fn)
         res = attr.influence(train_batches, query_batches, checkpoints=[(path, eta), ...])
         res.sdi          # (N_train, N_query, T_query); res.sdi.sum(-1) == res.tracin
+        res.top_k(query=0, step=2, k=5)      # step: 0-based iteration index
+
+The modules, in the order data flows through them::
+
+    tasks, presets        algorithmic tasks and ready-made setups
+    model, train          LoopedGPT, training with checkpoints that carry eta_k
+    checkpoints           checkpoint files, the user's checkpoint list, the walk that loads each in turn
+    capture               hooks that see every call of every loop layer, tagged with its iteration
+    leaves                one class per module kind: per-example gradients from one recorded call
+    sketch, featurizers   CountSketch / TensorSketch kernels; exact and sketched featurizers
+    features              features of one batch (StepFeatures)
+    scoring               features -> TracIn / SDI / train-side SDI / step x step (the one place)
+    results               InfluenceResult, StreamTopK, the top-k rule
+    influence             StepInfluence: the API
+    store, storage, featurize   the on-disk feature store, its files, and writing one (torchrun-able)
+    metrics               relative error, correlations, top-k overlap, precision@k, AUC
+    runs, cli             run directories and the `sdi` command
 """
 
-from . import presets, tasks
-from .capture import CaptureError
-from .features import StepFeatures
-from .influence import InfluenceResult, StepInfluence, TopK
-from .model import LoopedGPT, LoopedGPTConfig, LoopedOutput
+from . import metrics, presets, tasks
 from . import train  # the module: sdi.train.train(model, data, config)
-from .train import Checkpoint, TrainConfig, TrainResult, load_checkpoint, save_checkpoint
+from .capture import CaptureError
+from .checkpoints import Checkpoint, CheckpointWalk, load_checkpoint, save_checkpoint
+from .features import StepFeatures
+from .influence import StepInfluence
+from .model import LoopedGPT, LoopedGPTConfig, LoopedOutput
+from .results import InfluenceResult, StreamTopK, TopK
+from .train import TrainConfig, TrainResult
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CaptureError", "Checkpoint", "InfluenceResult", "LoopedGPT", "LoopedGPTConfig", "LoopedOutput",
-    "StepFeatures", "StepInfluence", "TopK", "TrainConfig", "TrainResult", "load_checkpoint", "save_checkpoint",
-    "presets", "tasks", "train",
+    "CaptureError", "Checkpoint", "CheckpointWalk", "InfluenceResult", "LoopedGPT", "LoopedGPTConfig",
+    "LoopedOutput", "StepFeatures", "StepInfluence", "StreamTopK", "TopK", "TrainConfig", "TrainResult",
+    "load_checkpoint", "save_checkpoint", "metrics", "presets", "tasks", "train",
 ]

@@ -8,98 +8,30 @@
     sdi explore    runs/parity/influence.npz                the static explorer HTML
     sdi demo                                                all of the above on parity, in minutes on a CPU
 
-A run directory's ``run.json`` holds everything needed to rebuild the model and both datasets (task name,
-generator arguments and seeds, ``LoopedGPTConfig``, ``TrainConfig``) and lists the checkpoints with their
-learning rates, so ``featurize`` and ``influence`` need nothing but the run directory.
+This module is argparse and printing only; the run-directory format and the steps are :mod:`sdi.runs`.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import torch
-
-from . import store as fstore
-from . import tasks
-from .influence import InfluenceResult, StepInfluence
-from .model import LoopedGPT, LoopedGPTConfig
+from . import runs
+from .runs import DEFAULT_TASK_ARGS, TASKS, load_run
 from .sketch import DEFAULT_SKETCH_DIM
-from .tasks import TaskDataset
-from .train import Checkpoint, TrainConfig, train
+from .storage import STORAGE_DTYPES, StoreError
+from .store import FeatureStore
 
-RUN_FILE = "run.json"
-RUN_FORMAT = "sdi-run"
-TASKS = {"parity": tasks.parity, "addition": tasks.addition, "variable_chains": tasks.variable_chains}
-DEFAULT_TASK_ARGS = {"parity": {"n_bits": 6, "curriculum": True}, "addition": {"n_digits": 2},
-                     "variable_chains": {"n_statements": 6, "max_hops": 3}}
-TRAIN_ONLY_ARGS = {"curriculum"}  # generator arguments that shape the training distribution, not the queries
 DEMO_SKETCH_DIM = 4096  # the demo model has ~12.7k loop parameters: a narrower sketch keeps its store small
 
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
-
-
-# ------------------------------------------------------------------------------------------ run directories
-
-@dataclass
-class Run:
-    """A training run rebuilt from its directory: model (at its initial weights), data, checkpoints."""
-
-    path: Path
-    spec: dict
-    model: LoopedGPT
-    train_data: TaskDataset
-    query_data: TaskDataset
-    checkpoints: list[Checkpoint]
-
-
-def make_dataset(task: str, kwargs: dict, flip: dict | None = None) -> TaskDataset:
-    """Rebuild a dataset from its generator name and arguments (+ optional label flips)."""
-    if task not in TASKS:
-        raise CLIError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
-    try:
-        data = TASKS[task](**kwargs)
-    except TypeError as e:
-        raise CLIError(f"task {task!r} does not take these arguments {kwargs}: {e}") from None
-    if flip and flip.get("fraction", 0) > 0:
-        data = data.flip_labels(fraction=flip["fraction"], seed=flip.get("seed", 0))
-    return data
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """Read ``run.json`` and rebuild the model, the train and query sets and the checkpoint list."""
-    root = Path(path)
-    spec_path = root / RUN_FILE
-    if not spec_path.is_file():
-        raise CLIError(f"{root} is not a run directory ({RUN_FILE} not found); make one with `sdi train --out {root}`")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except ValueError as e:
-        raise CLIError(f"{spec_path} is not valid JSON: {e}") from None
-    if spec.get("format") != RUN_FORMAT:
-        raise CLIError(f"{spec_path} is not an sdi run description (format {spec.get('format')!r})")
-    model = LoopedGPT(LoopedGPTConfig(**spec["model"]), seed=spec.get("model_seed", 0))
-    checkpoints = []
-    for c in spec["checkpoints"]:
-        ckpt = root / c["path"]
-        if not ckpt.is_file():
-            raise CLIError(f"checkpoint {ckpt} listed in {spec_path} is missing")
-        checkpoints.append(Checkpoint(ckpt, c["step"], c["eta"]))
-    if not checkpoints:
-        raise CLIError(f"{spec_path} lists no checkpoints")
-    return Run(root, spec, model, make_dataset(spec["task"], spec["train_data"], spec.get("flip")),
-               make_dataset(spec["task"], spec["query_data"]), checkpoints)
 
 
 def _parse_task_args(items: Sequence[str]) -> dict:
@@ -115,171 +47,70 @@ def _parse_task_args(items: Sequence[str]) -> dict:
     return out
 
 
-def train_run(args: argparse.Namespace) -> Path:
-    """``sdi train``: train a LoopedGPT on a task and write a run directory."""
-    out = Path(args.out)
-    if (out / RUN_FILE).exists() and not args.overwrite:
-        raise CLIError(f"{out} already holds a run ({RUN_FILE}); pass --overwrite or choose another --out")
-    task_args = {**DEFAULT_TASK_ARGS.get(args.task, {}), **_parse_task_args(args.task_arg)}
-    train_kwargs = {"n_examples": args.n_train, "seed": args.data_seed, **task_args}
-    query_kwargs = {"n_examples": args.n_query, "seed": args.data_seed + 1,
-                    **{k: v for k, v in task_args.items() if k not in TRAIN_ONLY_ARGS}}
-    flip = {"fraction": args.flip_fraction, "seed": args.data_seed}
-    train_data = make_dataset(args.task, train_kwargs, flip)
-    query_data = make_dataset(args.task, query_kwargs)
-    try:
-        mcfg = LoopedGPTConfig(vocab_size=train_data.tokenizer.vocab_size, block_size=train_data.seq_len,
-                               d_model=args.d_model, n_heads=args.n_heads, n_loops=args.n_loops,
-                               n_layers_per_loop=args.layers_per_loop)
-        tcfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, n_checkpoints=args.checkpoints,
-                           warmup_steps=min(args.warmup, args.steps), seed=args.seed)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    model = LoopedGPT(mcfg, seed=args.seed)
-    if (out / "checkpoints").is_dir():  # --overwrite: no stale checkpoint of the previous run may survive
-        shutil.rmtree(out / "checkpoints")
-    result = train(model, train_data, tcfg, checkpoint_dir=out / "checkpoints", progress=not args.quiet)
-    spec = {
-        "format": RUN_FORMAT, "version": 1, "task": args.task, "train_data": train_kwargs, "query_data": query_kwargs,
-        "flip": flip, "model": mcfg.to_dict(), "model_seed": args.seed, "train": dataclasses.asdict(tcfg),
-        "checkpoints": [{"path": str(c.path.relative_to(out)), "step": c.step, "eta": c.lr} for c in result.checkpoints],
-        "results": {"seconds": round(result.seconds, 2), "final_loss": result.losses[-1],
-                    "train_accuracy": tasks.accuracy(model, train_data),
-                    "query_accuracy": tasks.accuracy(model, query_data)},
-    }
-    fstore._write_json(out / RUN_FILE, spec)
-    r = spec["results"]
-    print(f"trained {args.task} in {r['seconds']:.1f} s: accuracy train {r['train_accuracy']:.3f}, "
-          f"queries {r['query_accuracy']:.3f}; run directory {out}")
-    return out
+def _train_kwargs(args: argparse.Namespace) -> dict:
+    return dict(task=args.task, task_args=_parse_task_args(args.task_arg), n_train=args.n_train, n_query=args.n_query,
+                flip_fraction=args.flip_fraction, data_seed=args.data_seed, d_model=args.d_model, n_heads=args.n_heads,
+                n_loops=args.n_loops, layers_per_loop=args.layers_per_loop, steps=args.steps,
+                batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, checkpoints=args.checkpoints,
+                seed=args.seed, progress=not args.quiet)
 
 
-# ------------------------------------------------------------------------------------------ featurize / influence
-
-def _device(choice: str) -> torch.device:
-    """``auto``: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError("--device cuda was asked for but CUDA is not available")
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    return torch.device(choice)
+def train_command(args: argparse.Namespace, overwrite: bool | None = None) -> runs.Run:
+    """``sdi train``."""
+    run = runs.train_run(args.out, overwrite=args.overwrite if overwrite is None else overwrite, **_train_kwargs(args))
+    r = run.spec["results"]
+    print(f"trained {run.spec['task']} in {r['seconds']:.1f} s: accuracy train {r['train_accuracy']:.3f}, "
+          f"queries {r['query_accuracy']:.3f}; run directory {run.path}")
+    return run
 
 
-def _init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPUs, gloo on CPUs."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True
-
-
-def _attribution(run: Run, sketch_dim: int | None, seed: int, device: torch.device) -> StepInfluence:
-    model = run.model.to(device)
-    return StepInfluence(model, loop=model.block, loss_fn=tasks.loss_fn, sketch_dim=sketch_dim, seed=seed,
-                         progress=False)
-
-
-def featurize_run(args: argparse.Namespace) -> Path:
-    """``sdi featurize``: train features of a run into a store (resumable; shardable with torchrun)."""
+def featurize_command(args: argparse.Namespace) -> FeatureStore:
+    """``sdi featurize``."""
     run = load_run(args.run)
-    store_dir = Path(args.store) if args.store else run.path / "store"
-    device = _device(args.device)
-    distributed = _init_distributed(device)
-    sketch_dim = None if args.exact else args.sketch_dim
-    try:
-        attr = _attribution(run, sketch_dim, args.sketch_seed, device)
-        start = time.perf_counter()
-        st = fstore.featurize(store_dir, attr, run.train_data, run.checkpoints, chunk_size=args.chunk_size,
-                              batch_size=args.batch_size, dtype=args.dtype, progress=not args.quiet,
-                              meta={"sketch_dim": sketch_dim, "sketch_seed": args.sketch_seed})
-        seconds = time.perf_counter() - start
-    finally:
-        if distributed:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+    start = time.perf_counter()
+    st = runs.featurize_run(run, args.store, sketch_dim=None if args.exact else args.sketch_dim,
+                            sketch_seed=args.sketch_seed, chunk_size=args.chunk_size, batch_size=args.batch_size,
+                            dtype=args.dtype, device=args.device, progress=not args.quiet)
+    seconds = time.perf_counter() - start
     if os.environ.get("RANK", "0") == "0":
         s = st.stats
-        who = f" by rank 0 of {os.environ['WORLD_SIZE']}" if distributed else ""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        who = f" by rank 0 of {world}" if world > 1 else ""
         print(f"featurized {st.n} examples x {st.n_checkpoints} checkpoints (T={st.n_steps}, D={st.dim}, {st.dtype}) "
-              f"into {store_dir} in {seconds:.1f} s: {s.computed} chunk(s) computed{who}, {s.reused} reused"
+              f"into {st.root} in {seconds:.1f} s: {s.computed} chunk(s) computed{who}, {s.reused} reused"
               + (f", {len(s.repaired)} repaired" if s.repaired else ""))
-    return store_dir
+    return st
 
 
-def influence_run(args: argparse.Namespace) -> Path:
-    """``sdi influence``: the run's queries against its store -> a result ``.npz``."""
+def influence_command(args: argparse.Namespace) -> Path:
+    """``sdi influence``."""
     run = load_run(args.run)
-    store_dir = Path(args.store) if args.store else run.path / "store"
-    st = fstore.FeatureStore.open(store_dir)
-    meta = st.manifest.get("meta") or {}
-    attr = _attribution(run, meta.get("sketch_dim"), meta.get("sketch_seed", 0), _device(args.device))
-    qloss = tasks.loss_fn if args.query_loops is None else functools.partial(tasks.loss_fn, n_loops=args.query_loops)
-    queries = fstore.query_features(attr, run.checkpoints, run.query_data.batches(args.batch_size), qloss, store=st)
-    out = Path(args.out) if args.out else run.path / "influence.npz"
-    Q, Tq = len(queries[0]), queries[0].n_steps
-    full = args.top_k is None and st.result_elements(Q, Tq) <= args.max_elements
-    texts = {**explorer_inputs(run, args.query_loops), "task": run.spec["task"], "run": str(run.path),
-             "query_loops": args.query_loops}
-    if full:
-        res = st.influence(queries, max_elements=args.max_elements, progress=not args.quiet)
-        res.meta.update(texts)
-        res.save(out)
-        what = f"full result: sdi {tuple(res.sdi.shape)} (N, Q, T_query), conservation error {res.conservation_error():.1e}"
+    out, result = runs.influence_run(run, args.store, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                                     query_loops=args.query_loops, max_elements=args.max_elements,
+                                     device=args.device, progress=not args.quiet)
+    if hasattr(result, "sdi"):
+        what = (f"full result: sdi {tuple(result.sdi.shape)} (N, Q, T_query), conservation error "
+                f"{result.conservation_error():.1e}")
     else:
-        top = st.top_k(queries, k=min(args.top_k or 10, st.n), progress=not args.quiet)
-        top.meta.update(texts)
-        top.save(out)
-        what = f"streaming top-{top.sdi_indices.shape[-1]} per (query, step)"
-    print(f"influence of {st.n} training examples on {Q} queries ({what}) -> {out}")
+        what = f"streaming top-{result.k} per (query, step)"
+    print(f"influence of {len(result.meta['train_texts'])} training examples on "
+          f"{len(result.meta['query_texts'])} queries ({what}) -> {out}")
     return out
 
 
-def explorer_inputs(run: Run, query_loops: int | None) -> dict[str, Any]:
-    """Texts, labels and the final checkpoint's answer after every iteration, for the explorer (CPU, forward only)."""
-    from sdi_widgets import explorer_inputs as inputs
-
-    model = LoopedGPT(LoopedGPTConfig(**run.spec["model"]), seed=None)
-    model.load_state_dict(run.checkpoints[-1].load_state_dict())
-    return inputs(model, run.train_data, run.query_data, n_loops=query_loops)
-
-
-def explore_result(args: argparse.Namespace) -> Path:
-    """``sdi explore``: the self-contained explorer HTML of a full result file."""
-    result_path = Path(args.result)
-    if not result_path.is_file():
-        raise CLIError(f"result file not found: {result_path}")
-    try:
-        res = InfluenceResult.load(result_path)
-    except ValueError as e:
-        raise CLIError(f"{e}. `sdi explore` needs a full result (`sdi influence` without --top-k)") from None
-    out = Path(args.out) if args.out else result_path.with_suffix(".html")
-    try:
-        from sdi_widgets import static
-    except ImportError as e:
-        raise CLIError(f"the explorer export (sdi_widgets.static) is not available: {e}") from None
-    meta = res.meta
-    N, Q = res.sdi.shape[:2]
-    train_texts = meta.get("train_texts") or [f"train #{i}" for i in range(N)]
-    query_texts = meta.get("query_texts") or [f"query #{j}" for j in range(Q)]
-    extras = {key: meta[key] for key in ("train_labels", "flipped", "query_answers", "query_truth") if meta.get(key)}
-    path = static.write_html(res, train_texts, query_texts, out, k=min(args.k, N), **extras)
+def explore_command(args: argparse.Namespace) -> Path:
+    """``sdi explore``."""
+    path = runs.explore_result(args.result, args.out, k=args.k)
     print(f"explorer written to {path}")
-    return Path(path)
+    return path
 
 
-def verify_store(args: argparse.Namespace) -> int:
+def verify_command(args: argparse.Namespace) -> int:
     """``sdi verify``: check every chunk file of a store against the CRC-32 and size its manifest records."""
     path = Path(args.store)
-    if (path / RUN_FILE).is_file():  # a run directory: its default store
+    if (path / runs.RUN_FILE).is_file():  # a run directory: its default store
         path = path / "store"
-    st = fstore.FeatureStore.open(path)
+    st = FeatureStore.open(path)
     problems = st.verify(progress=not args.quiet)
     files = st.n_checkpoints * st.n_chunks
     if problems:
@@ -290,21 +121,14 @@ def verify_store(args: argparse.Namespace) -> int:
     return files
 
 
-def demo(args: argparse.Namespace) -> Path:
+def demo_command(args: argparse.Namespace) -> Path:
     """``sdi demo``: train, featurize, influence and explore on the default parity task."""
     start = time.perf_counter()
-    out = Path(args.out)
-    args.overwrite = True
-    train_run(args)
-    ns = argparse.Namespace(run=out, store=None, device=args.device, sketch_dim=args.sketch_dim, exact=args.exact,
-                            sketch_seed=args.sketch_seed, chunk_size=args.chunk_size, batch_size=args.batch_size_features,
-                            dtype=args.dtype, quiet=args.quiet, query_loops=args.query_loops, out=None, top_k=None,
-                            max_elements=args.max_elements)
-    if (out / "store").exists():
-        shutil.rmtree(out / "store")
-    featurize_run(ns)
-    result = influence_run(ns)
-    html = explore_result(argparse.Namespace(result=result, out=out / "explorer.html", k=10))
+    run = train_command(args, overwrite=True)
+    args.run, args.store, args.batch_size, args.out, args.top_k = run.path, None, args.batch_size_features, None, None
+    featurize_command(args)
+    influence_command(args)
+    html = runs.explore_result(run.path / "influence.npz", run.path / "explorer.html", k=10)
     print(f"demo finished in {time.perf_counter() - start:.1f} s; open {html}")
     return html
 
@@ -346,7 +170,7 @@ def _featurize_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-si
     g.add_argument("--chunk-size", type=int, default=256, help="examples per chunk file (default 256)")
     g.add_argument(batch_flag, type=int, default=64, dest="batch_size" if batch_flag == "--batch-size"
                    else "batch_size_features", help="examples per forward/backward pass (default 64)")
-    g.add_argument("--dtype", choices=sorted(fstore.STORAGE_DTYPES), default="float32",
+    g.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="storage precision (default float32)")
 
 
@@ -370,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _train_options(p)
-    p.set_defaults(func=train_run)
+    p.set_defaults(func=train_command)
 
     device = argparse.ArgumentParser(add_help=False)
     device.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if CUDA is available, else cpu), "
@@ -383,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (from `sdi train`)")
     p.add_argument("--store", default=None, help="store directory (default RUN/store)")
     _featurize_options(p)
-    p.set_defaults(func=featurize_run)
+    p.set_defaults(func=featurize_command)
 
     p = sub.add_parser("influence", parents=[common, device], help="queries against a store -> result .npz",
                        description="Influence of every stored training example on the run's queries. Writes a full "
@@ -395,21 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="write only the top-k per (query, step) (streaming)")
     p.add_argument("--batch-size", type=int, default=64, help="queries per forward/backward pass")
     _influence_options(p)
-    p.set_defaults(func=influence_run)
+    p.set_defaults(func=influence_command)
 
     p = sub.add_parser("verify", parents=[common], help="check a store's chunk files against their checksums",
                        description="Read every chunk file of a feature store and check it against the CRC-32 and "
                        "size in its manifest. Exit code 1 lists what is damaged or missing (`sdi featurize` "
                        "recomputes exactly those).")
     p.add_argument("store", help="store directory, or a run directory (then RUN/store)")
-    p.set_defaults(func=verify_store)
+    p.set_defaults(func=verify_command)
 
     p = sub.add_parser("explore", help="write the static explorer HTML of a result file",
                        description="Write a self-contained HTML explorer (no network) for a full result .npz.")
     p.add_argument("result", help="result .npz from `sdi influence`")
     p.add_argument("--out", default=None, help="HTML file (default: next to the result)")
     p.add_argument("--k", type=int, default=10, help="training examples per ranking (default 10)")
-    p.set_defaults(func=explore_result)
+    p.set_defaults(func=explore_command)
 
     p = sub.add_parser("demo", parents=[common, device], help="train + featurize + influence + explore on parity",
                        description="The whole pipeline on the default parity task, in a few minutes on a CPU.")
@@ -417,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_options(p)
     _featurize_options(p, batch_flag="--feature-batch-size", sketch_dim=DEMO_SKETCH_DIM)
     _influence_options(p)
-    p.set_defaults(func=demo)
+    p.set_defaults(func=demo_command)
     return parser
 
 
@@ -426,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, fstore.StoreError, FileNotFoundError, NotImplementedError, ValueError) as e:
+    except (CLIError, StoreError, FileNotFoundError, NotImplementedError, ValueError) as e:
         print(f"sdi {args.command}: error: {e}", file=sys.stderr)
         return 1
     return 0

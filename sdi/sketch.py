@@ -26,17 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from .capture import LeafCalls, ParamSlot, StepCapture
-from .features import (Featurizer, embedding_factors, generic_per_example_grads, leaf_kind,
-                       linear_factors, norm_factors)
+from .capture import ParamSlot
 
 #: Default sketch width ``m`` (floats per example and step). On the default-size models (LoopedGPT, d_model 64,
 #: one layer per loop, tau 6 parity / tau 8 variable chains, 3 checkpoints, 256 train x 16 queries) it gives a
@@ -53,8 +49,6 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 OUTER_BLOCK_ELEMENTS = 1 << 18
 
 HASH_VERSION = "splitmix64-v1"
-
-GroupSpec = None | str | Callable[[str], str]
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -240,239 +234,15 @@ def embedding_sketch(target: torch.Tensor, ids: torch.Tensor, delta: torch.Tenso
         target[r0 : r0 + r].scatter_add_(1, buckets.reshape(r, -1), values.reshape(r, -1))
 
 
-# ------------------------------------------------------------------------------------------ groups
+def choose_linear_kernel(n_out: int, n_in: int, n_tokens: int, sketch_dim: int) -> str:
+    """``"outer"`` or ``"fft"``: the cheaper kernel for one Linear weight (d_out, d_in) seen at ``n_tokens`` tokens.
 
-MODULE_GROUPS = ("attention", "mlp", "norm", "other")
-_ATTENTION = re.compile(r"(^|[._])(attn|attention|self_attn|self_attention)([._]|$)")
-_MLP = re.compile(r"(^|[._])(mlp|ffn|feed_forward|feedforward)([._]|$)")
+    A cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction):
 
-
-def module_group(name: str, module: nn.Module | None) -> str:
-    """``"attention"``, ``"mlp"``, ``"norm"`` or ``"other"`` from a parameter's name and owning module."""
-    if module is not None and leaf_kind(module) == "norm":
-        return "norm"
-    if _ATTENTION.search(name):
-        return "attention"
-    if _MLP.search(name):
-        return "mlp"
-    return "other"
-
-
-def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, nn.Module] | None) -> list[str] | None:
-    """The group name of every slot (None when groups are not kept apart)."""
-    if groups is None:
-        return None
-    if groups == "module":
-        leaves = leaves or {}
-        return [module_group(s.name, leaves.get(s.leaf)) for s in slots]
-    if callable(groups):
-        names = [groups(s.name) for s in slots]
-        bad = [(s.name, g) for s, g in zip(slots, names) if not isinstance(g, str) or not g]
-        if bad:
-            raise TypeError(f"groups(name) must return a non-empty str for every parameter; got {bad[0][1]!r} "
-                            f"for '{bad[0][0]}'")
-        return names
-    raise ValueError(f"groups must be None, 'module' or a callable name -> group name; got {groups!r}")
-
-
-# ------------------------------------------------------------------------------------------ featurizer
-
-class _BatchTarget:
-    """Where one batch's sketches go: ``out`` (B, T, G, m) directly, FFT-domain parts into one spectrum."""
-
-    def __init__(self, out: torch.Tensor, sketch_dim: int, n_groups: int) -> None:
-        self.out = out
-        self.buf = out if out.is_contiguous() else torch.zeros_like(out)
-        self.time = self.buf.view(out.shape[0], out.shape[1], n_groups, sketch_dim)
-        self.m = sketch_dim
-        self.spectrum: torch.Tensor | None = None
-
-    def rows(self, step: int, group: int) -> torch.Tensor:
-        """(B, m) view of ``out`` at one step and group."""
-        return self.time[:, step, group]
-
-    def freq_rows(self, step: int, group: int) -> torch.Tensor:
-        """(B, m // 2 + 1) complex view of the spectrum at one step and group."""
-        if self.spectrum is None:
-            self.spectrum = torch.zeros(*self.time.shape[:-1], self.m // 2 + 1, dtype=torch.complex64,
-                                        device=self.time.device)
-        return self.spectrum[:, step, group]
-
-    def finish(self) -> None:
-        if self.spectrum is not None:
-            self.time += torch.fft.irfft(self.spectrum, n=self.m)
-            self.spectrum = None
-        if self.buf is not self.out:
-            self.out += self.buf
-
-
-class SketchFeaturizer(Featurizer):
-    """Sketched per-(example, step) gradients: features (B, T, m), or (B, T, G, m) with ``groups``.
-
-    Arguments::
-
-        sketch_dim:  m, the width of a sketch.
-        seed:        fixes every hash; train and query features must share it (and m, and the parameters).
-        groups:      None (one sketch of all parameters), "module" (attention / mlp / norm / other, as present),
-                     or a callable: parameter name -> group name.
-        leaves:      {leaf name: module} (from sdi.capture.loop_parameters); used by groups="module".
-        max_chunk_elements: bound on each kernel temporary, in float32 elements.
-        linear_kernel: "auto" (cost model), "fft" (TensorSketch) or "outer" (per-example outer
-                     products, a few at a time) for Linear weights; all give the same features up to rounding.
+    - outer: d_out * d_in scattered adds (~1.8 ns) plus N * d_out * d_in multiply-adds in a small GEMM;
+    - fft:   2 N real FFTs of length m (~1 ns per m log2 m in context) plus 2 N scatters of d values.
     """
-
-    kind = "sketch"
-
-    def __init__(self, slots: list[ParamSlot], sketch_dim: int, seed: int = 0, groups: GroupSpec = None,
-                 leaves: dict[str, nn.Module] | None = None,
-                 max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS, linear_kernel: str = "auto") -> None:
-        super().__init__(slots)
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 2:
-            raise ValueError(f"sketch_dim must be an int >= 2 (or None for exact features), got {sketch_dim!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        if isinstance(max_chunk_elements, bool) or not isinstance(max_chunk_elements, int) or max_chunk_elements < 1:
-            raise ValueError(f"max_chunk_elements must be a positive int, got {max_chunk_elements!r}")
-        if linear_kernel not in ("auto", "fft", "outer"):
-            raise ValueError(f"linear_kernel must be 'auto', 'fft' or 'outer', got {linear_kernel!r}")
-        self.sketch_dim = sketch_dim
-        self.seed = seed
-        self.max_chunk_elements = max_chunk_elements
-        self.linear_kernel = linear_kernel
-        self.slot_groups = assign_groups(slots, groups, leaves)
-        if self.slot_groups is None:
-            self.group_names: list[str] = []
-        elif groups == "module":
-            self.group_names = [g for g in MODULE_GROUPS if g in self.slot_groups]
-        else:
-            self.group_names = list(dict.fromkeys(self.slot_groups))
-        self.group_of = {id(s.param): (self.group_names.index(g) if self.slot_groups else 0)
-                         for s, g in zip(slots, self.slot_groups or [None] * len(slots))}
-        self.specs = {id(s.param): sketch_spec(s, sketch_dim, seed) for s in slots}
-        self._on_device: dict[tuple[int, str], Spec] = {}
-        self._flat_cache: dict[tuple[int, str], CountSketch] = {}
-
-    # -- description -------------------------------------------------------------------------------
-    @property
-    def n_groups(self) -> int:
-        return max(1, len(self.group_names))
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        if self.slot_groups is None:
-            return (self.sketch_dim,)
-        return (self.n_groups, self.sketch_dim)
-
-    def fingerprint(self) -> dict[str, Any]:
-        fp = super().fingerprint()
-        fp.update(seed=self.seed, sketch_dim=self.sketch_dim, hash=HASH_VERSION,
-                  groups=None if self.slot_groups is None else
-                  [[s.name, g] for s, g in zip(self.slots, self.slot_groups)])
-        return fp
-
-    # -- hashes on the right device ------------------------------------------------------------------
-    def spec(self, slot: ParamSlot, device: torch.device) -> Spec:
-        key = (id(slot.param), str(device))
-        if key not in self._on_device:
-            self._on_device[key] = self.specs[id(slot.param)].to(device)
-        return self._on_device[key]
-
-    def _flat(self, slot: ParamSlot, spec: TensorSketch, device: torch.device) -> CountSketch | None:
-        """The combined hash of a small matrix, cached (None when it would exceed the outer kernel's block)."""
-        if slot.numel > OUTER_BLOCK_ELEMENTS:
-            return None
-        key = (id(slot.param), str(device))
-        if key not in self._flat_cache:
-            self._flat_cache[key] = spec.flat()
-        return self._flat_cache[key]
-
-    # -- the map -------------------------------------------------------------------------------------
-    def dense(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sketch of dense gradients, one tensor per slot of shape ``(*batch, *param_shape)`` ->
-        ``(*batch, *feature_shape)``.
-
-        This is the definition the fast kernels reproduce: a CountSketch of each flattened parameter gradient,
-        with the hashes of :func:`sketch_spec`, summed within each group.
-        """
-        if len(grads) != len(self.slots):
-            raise ValueError(f"dense() needs one gradient per parameter ({len(self.slots)}), got {len(grads)}")
-        out = None
-        for s, g in zip(self.slots, grads):
-            if tuple(g.shape[g.dim() - len(s.shape):]) != s.shape:
-                raise ValueError(f"gradient of '{s.name}' must end in shape {s.shape}, got {tuple(g.shape)}")
-            lead = g.shape[: g.dim() - len(s.shape)]
-            spec = self.spec(s, g.device)
-            part = spec(g.float(), self.max_chunk_elements) if isinstance(spec, TensorSketch) else \
-                spec(g.float().reshape(*lead, -1))
-            if out is None:
-                out = torch.zeros(*lead, self.n_groups, self.sketch_dim, device=g.device)
-            out[..., self.group_of[id(s.param)], :] += part
-        return out if self.slot_groups is not None else out.squeeze(-2)
-
-    def featurize(self, cap: StepCapture, out: torch.Tensor) -> None:
-        """Add the sketches of every recorded call to ``out`` ``(B, T, *feature_shape)``, one ``irfft`` in all."""
-        target = _BatchTarget(out, self.sketch_dim, self.n_groups)
-        for rec in cap.calls.values():
-            self._add_leaf(cap, rec, target)
-        target.finish()
-
-    def accumulate(self, cap: StepCapture, rec: LeafCalls, out: torch.Tensor) -> None:
-        target = _BatchTarget(out, self.sketch_dim, self.n_groups)
-        self._add_leaf(cap, rec, target)
-        target.finish()
-
-    def _add_leaf(self, cap: StepCapture, rec: LeafCalls, target: _BatchTarget) -> None:
-        kind = leaf_kind(rec.module)
-        slots = self.leaf_slots(rec.module)
-        if kind == "generic":
-            self._add_generic(cap, rec, slots, target)
-            return
-        factor_fn = {"linear": linear_factors, "norm": norm_factors, "embedding": embedding_factors}[kind]
-        for c, step in enumerate(rec.steps):
-            if rec.grad_outputs[c][0] is None:
-                continue  # this call did not influence the loss
-            x, delta = factor_fn(rec, c)
-            for attr, slot in slots:
-                spec = self.spec(slot, delta.device)
-                group = self.group_of[id(slot.param)]
-                rows = target.rows(step, group)
-                if attr == "bias" or kind == "norm":
-                    g = delta.sum(1) if attr == "bias" else (delta * x).sum(1)        # (B, d)
-                    spec.add_into(rows, g)
-                elif kind == "embedding":
-                    embedding_sketch(rows, x, delta, spec, self.max_chunk_elements)
-                elif self._use_outer(spec, x.shape[1]):
-                    flat = self._flat(slot, spec, delta.device)
-                    tensor_sketch_outer(rows, delta, x, spec, flat, self.max_chunk_elements)
-                else:
-                    tensor_sketch_fft(target.freq_rows(step, group), delta, x, spec, self.max_chunk_elements)
-
-    def _use_outer(self, spec: TensorSketch, n_tokens: int) -> bool:
-        """Cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction).
-
-        outer: d_out * d_in scattered adds (~1.8 ns) plus N * d_out * d_in multiply-adds in a small GEMM;
-        fft:   2 N real FFTs of length m (~1 ns per m log2 m in context) plus 2 N scatters of d values.
-        """
-        if self.linear_kernel != "auto":
-            return self.linear_kernel == "outer"
-        n_out, n_in = spec.shape
-        m = spec.sketch_dim
-        outer = n_out * n_in * (1.8 + 0.08 * n_tokens)
-        fft = n_tokens * (m * math.log2(m) + 4.0 * (n_out + n_in))
-        return outer <= fft
-
-    def _add_generic(self, cap: StepCapture, rec: LeafCalls, slots: list[tuple[str, ParamSlot]],
-                     target: _BatchTarget) -> None:
-        """Dense per-example gradients of a small module of unknown kind (torch.func), then CountSketch."""
-        for c, step in enumerate(rec.steps):
-            if all(g is None for g in rec.grad_outputs[c]):
-                continue
-            grads = generic_per_example_grads(cap, rec, c, [attr for attr, _ in slots])
-            for attr, slot in slots:
-                g = grads[attr].float()                                             # (B, *shape)
-                spec = self.spec(slot, g.device)
-                rows = target.rows(step, self.group_of[id(slot.param)])
-                if isinstance(spec, TensorSketch):
-                    spec.add_into(rows, g, self.max_chunk_elements)
-                else:
-                    spec.add_into(rows, g.reshape(g.shape[0], -1))
+    m = sketch_dim
+    outer = n_out * n_in * (1.8 + 0.08 * n_tokens)
+    fft = n_tokens * (m * math.log2(m) + 4.0 * (n_out + n_in))
+    return "outer" if outer <= fft else "fft"

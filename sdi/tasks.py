@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -129,6 +129,17 @@ class TaskDataset:
             flipped,
             [self.clean_answers[i] for i in idx.tolist()],
         )
+
+    def to(self, device: str | torch.device) -> "TaskDataset":
+        """A copy whose tensors live on ``device`` (so its batches do too); the examples are shared."""
+        return replace(self, tokens=self.tokens.to(device), targets=self.targets.to(device))
+
+    def unique(self) -> "TaskDataset":
+        """The first occurrence of every distinct text (prompt + answer), in order of first appearance."""
+        first: dict[str, int] = {}
+        for i, text in enumerate(self.texts()):
+            first.setdefault(text, i)
+        return self.subset(sorted(first.values()))
 
     def flip_labels(self, indices: Sequence[int] | torch.Tensor | None = None, fraction: float | None = None,
                     seed: int = 0) -> "TaskDataset":
@@ -404,3 +415,28 @@ def per_example_loss(model: torch.nn.Module, data: TaskDataset, n_loops: int | N
     finally:
         model.train(was_training)
     return torch.cat(outs, dim=-1)
+
+
+def explorer_inputs(model: torch.nn.Module, train_data: TaskDataset, query_data: TaskDataset,
+                    n_loops: int | None = None) -> dict[str, Any]:
+    """What an explorer shows beside the scores (``sdi_widgets.InfluenceExplorer(result, **inputs)``).
+
+    Returns ``train_texts`` (N prompts), ``train_labels`` (N answers as trained on, flipped ones included),
+    ``flipped`` (indices), ``query_texts`` (Q prompts), ``query_truth`` (Q right answers) and
+    ``query_answers`` (Q lists of T answers: the model's answer after each of ``n_loops`` iterations —
+    use the iteration count the influence result was computed with). Forward passes only.
+    """
+    for name, value in (("train_data", train_data), ("query_data", query_data)):
+        if not isinstance(value, TaskDataset):
+            raise TypeError(f"{name} must be an sdi.tasks.TaskDataset, got {type(value).__name__}")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be an nn.Module (e.g. sdi.LoopedGPT), got {type(model).__name__}")
+    per_step = decode_answers(query_data, predict(model, query_data, n_loops=n_loops, per_step=True))  # (T, Q)
+    return {
+        "train_texts": [e.prompt for e in train_data.examples],
+        "train_labels": [e.answer for e in train_data.examples],
+        "flipped": train_data.flipped.tolist(),
+        "query_texts": [e.prompt for e in query_data.examples],
+        "query_truth": [e.answer for e in query_data.examples],
+        "query_answers": [list(row) for row in zip(*per_step)],
+    }

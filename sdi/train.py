@@ -1,8 +1,7 @@
 """Training with AdamW, a warm-up + cosine schedule, and checkpoints that remember their learning rate.
 
-TracIn weighs checkpoint ``k`` by the learning rate ``eta_k`` in force when it was saved, so every
-checkpoint file carries it. Files are written atomically (temporary file + ``os.replace``) and read
-with ``torch.load(..., weights_only=True)``: loading never runs pickled code.
+TracIn weighs checkpoint ``k`` by the learning rate ``eta_k`` in force when it was saved, so every checkpoint
+(:class:`sdi.checkpoints.Checkpoint`, written by :func:`sdi.checkpoints.save_checkpoint`) carries it.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from .files import atomic_write
+from .checkpoints import Checkpoint, save_checkpoint
+from .progress import progress_bar
 from .tasks import TaskDataset, accuracy, loss_fn as task_loss_fn
 
 
@@ -56,21 +55,6 @@ class TrainConfig:
 
 
 @dataclass
-class Checkpoint:
-    """A saved model state. ``lr`` is ``eta_k``: the learning rate in force at ``step``."""
-
-    path: Path | None
-    step: int
-    lr: float
-    state_dict: dict[str, torch.Tensor] | None = None
-
-    def load_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.state_dict is not None:
-            return self.state_dict
-        return load_checkpoint(self.path)["state_dict"]
-
-
-@dataclass
 class TrainResult:
     checkpoints: list[Checkpoint]
     losses: list[float]
@@ -81,32 +65,6 @@ class TrainResult:
     def tracin_checkpoints(self) -> list[tuple]:
         """``[(path_or_state_dict, eta), ...]`` as :meth:`sdi.StepInfluence.influence` takes them."""
         return [(c.path if c.path is not None else c.state_dict, c.lr) for c in self.checkpoints]
-
-
-def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], **meta) -> Path:
-    """Write ``{"state_dict": ..., **meta}`` atomically; ``meta`` holds plain values only (numbers, strings)."""
-    payload = {"state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()}, **meta}
-    return atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` without unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path} is not an sdi checkpoint (no 'state_dict' entry)")
-    return payload
-
-
-def progress_bar(iterable, enabled: bool = True, **kwargs):  # -> tqdm.auto.tqdm
-    """``tqdm.auto.tqdm(iterable, **kwargs)``, off when ``enabled`` is False.
-
-    ``disable`` is passed only to switch the bar off, so ``TQDM_DISABLE=1`` in the environment (which the book's
-    builds and the tests set) still silences it when ``enabled`` is True.
-    """
-    return tqdm(iterable, **kwargs) if enabled else tqdm(iterable, disable=True, **kwargs)
 
 
 def _fused_if_supported(params: list[torch.Tensor]) -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sdi.influence import InfluenceResult
+from sdi.results import InfluenceResult
 
 SIGNS = ("proponents", "opponents")
 

@@ -22,7 +22,7 @@ import ipywidgets as widgets
 import numpy as np
 import torch
 
-from sdi.influence import InfluenceResult
+from sdi.results import InfluenceResult
 
 from .data import ExplorerData, Ranking
 from .figure import DOWN, GREEN, RED, UP, StepFigure, diverging_colors, rank_colors

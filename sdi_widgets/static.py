@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from sdi.files import atomic_write
-from sdi.influence import InfluenceResult
+from sdi.results import InfluenceResult
 
 from .data import SIGNS, ExplorerData
 from .figure import DOWN, GREEN, RED, UP, rank_colors

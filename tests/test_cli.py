@@ -14,7 +14,8 @@ import torch
 
 import sdi
 from sdi import cli, tasks
-from sdi import store as S
+from sdi.results import StreamTopK
+from sdi.runs import load_run
 
 TINY = ["--steps", "12", "--checkpoints", "2", "--n-train", "48", "--n-query", "3", "--d-model", "16",
         "--warmup", "2", "--quiet"]
@@ -43,7 +44,7 @@ def test_help_on_every_command(command, capsys):
 def test_run_json_rebuilds_model_and_data(run_dir):
     spec = json.loads((run_dir / "run.json").read_text())
     assert spec["task"] == "parity" and spec["model"]["d_model"] == 16 and len(spec["checkpoints"]) == 2
-    run = cli.load_run(run_dir)
+    run = load_run(run_dir)
     # the data, rebuilt from generator name + arguments + seeds
     assert run.train_data.texts() == tasks.parity(48, n_bits=6, seed=0, curriculum=True).texts()
     assert run.query_data.texts() == tasks.parity(3, n_bits=6, seed=1).texts()
@@ -73,14 +74,14 @@ def test_featurize_influence_explore_end_to_end(run_dir, capsys):
     assert res.conservation_error() < 1e-5
 
     # the same numbers as StepInfluence.influence with the same sketch, in memory
-    run = cli.load_run(run_dir)
+    run = load_run(run_dir)
     attr = sdi.StepInfluence(run.model, run.model.block, tasks.loss_fn, sketch_dim=128, progress=False)
     ref = attr.influence(run.train_data.batches(64), run.query_data.batches(64), checkpoints=run.checkpoints,
                          query_loss_fn=functools.partial(tasks.loss_fn, n_loops=6))
     torch.testing.assert_close(res.sdi, ref.sdi, rtol=1e-4, atol=1e-6 * float(ref.sdi.abs().max()))
 
     assert cli.main(["influence", str(run_dir), "--top-k", "4", "--out", str(run_dir / "top.npz"), "--quiet"]) == 0
-    top = S.StreamTopK.load(run_dir / "top.npz")
+    top = StreamTopK.load(run_dir / "top.npz")
     assert top.sdi_indices.shape == (3, 4, 4)
     assert torch.equal(top.top_k(0, 1).indices, res.top_k(0, 1, k=4).indices)
 

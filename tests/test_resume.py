@@ -21,10 +21,11 @@ import json, sys, time
 import torch
 torch.set_num_threads(1)
 import sdi
-from sdi import cli, store
+from sdi.featurize import featurize
+from sdi.runs import load_run
 
 run_dir, store_dir, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
-run = cli.load_run(run_dir)
+run = load_run(run_dir)
 
 class SlowData:
     def __init__(self, data):
@@ -36,7 +37,7 @@ class SlowData:
         return self.data.batch(index)
 
 attr = sdi.StepInfluence(run.model, run.model.block, sdi.tasks.loss_fn, sketch_dim=128, progress=False)
-st = store.featurize(store_dir, attr, SlowData(run.train_data), run.checkpoints, chunk_size=%d, batch_size=4,
+st = featurize(store_dir, attr, SlowData(run.train_data), run.checkpoints, chunk_size=%d, batch_size=4,
                      progress=False)
 print(json.dumps({"computed": st.stats.computed, "reused": st.stats.reused}))
 """ % CHUNK

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import sdi
-from sdi.features import check_fingerprints
-from sdi.sketch import DEFAULT_SKETCH_DIM, CountSketch, SketchFeaturizer, TensorSketch
+from sdi.featurizers import SketchFeaturizer
+from sdi.fingerprints import check_fingerprints
+from sdi.sketch import DEFAULT_SKETCH_DIM, CountSketch, TensorSketch
 from sdi.tasks import loss_fn, parity, variable_chains
 from models import TwoModuleLoopNet, next_token_loss, random_batch
 from oracle import oracle_per_step_grads

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from pathlib import Path
 
@@ -13,6 +12,11 @@ import torch
 
 import sdi
 from sdi import store as S
+from sdi import featurize as F
+from sdi.featurize import query_features
+from sdi.fingerprints import model_fingerprint, weights_digest
+from sdi.results import StreamTopK
+from sdi.storage import STORAGE_DTYPES, from_storage, to_storage
 from sdi.tasks import loss_fn, parity
 
 N_TRAIN, N_QUERY, CHUNK, BATCH = 40, 5, 16, 8   # 3 chunks, the last one short
@@ -32,15 +36,15 @@ def setup(tmp_path_factory):
     run = sdi.train.train(model, train, sdi.TrainConfig(steps=20, n_checkpoints=2, warmup_steps=2, lr=1e-2),
                           checkpoint_dir=root / "ckpts", progress=False)
     attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=SKETCH_DIM, progress=False)
-    st = S.featurize(root / "f32", attr, train, run.checkpoints, chunk_size=CHUNK, batch_size=BATCH, progress=False)
-    queries = S.query_features(attr, run.checkpoints, query.batches(N_QUERY), store=st)
+    st = F.featurize(root / "f32", attr, train, run.checkpoints, chunk_size=CHUNK, batch_size=BATCH, progress=False)
+    queries = query_features(attr, run.checkpoints, query.batches(N_QUERY), store=st)
     return {"root": root, "train": train, "query": query, "model": model, "attr": attr, "ckpts": run.checkpoints,
             "store": st, "queries": queries}
 
 
 def featurize(setup, path, **kw):
     kw = {"chunk_size": CHUNK, "batch_size": BATCH, "progress": False, **kw}
-    return S.featurize(path, setup["attr"], setup["train"], setup["ckpts"], **kw)
+    return F.featurize(path, setup["attr"], setup["train"], setup["ckpts"], **kw)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -53,14 +57,14 @@ def test_manifest_and_chunks(setup):
     st, attr, train = setup["store"], setup["attr"], setup["train"]
     m = json.loads((st.root / "manifest.json").read_text())
     assert m["format"] == "sdi-feature-store" and m["version"] == 1 and m["complete"]
-    assert m["model"] == S.model_fingerprint(setup["model"])
+    assert m["model"] == model_fingerprint(setup["model"])
     assert m["featurizer"] == json.loads(json.dumps(attr.fingerprint()))
     assert (m["n"], m["chunk_size"], m["n_chunks"], m["dtype"], m["n_steps"], m["batch_size"]) == \
         (N_TRAIN, CHUNK, 3, "float32", 3, BATCH)
     assert m["feature_shape"] == [SKETCH_DIM] and m["featurizer"]["sketch_dim"] == SKETCH_DIM
     for k, c in enumerate(setup["ckpts"]):
         assert m["checkpoints"][k]["eta"] == c.lr and m["checkpoints"][k]["step"] == c.step
-        assert m["checkpoints"][k]["sha256"] == S.weights_digest(c.load_state_dict())
+        assert m["checkpoints"][k]["sha256"] == weights_digest(c.load_state_dict())
     rows = [S.chunk_rows(N_TRAIN, CHUNK, i) for i in range(3)]
     assert rows == [(0, 16), (16, 32), (32, 40)]
     for k, c in enumerate(setup["ckpts"]):
@@ -109,10 +113,10 @@ def test_exact_features_store_just_as_well(setup, tmp_path):
     """The store does not care which featurizer made D: exact per-example gradients (D = P) go through unchanged."""
     model, ckpts = setup["model"], setup["ckpts"]
     exact = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=None, progress=False)
-    st = S.featurize(tmp_path / "exact", exact, setup["train"], ckpts, chunk_size=CHUNK, batch_size=BATCH,
+    st = F.featurize(tmp_path / "exact", exact, setup["train"], ckpts, chunk_size=CHUNK, batch_size=BATCH,
                      progress=False)
     assert st.feature_shape == (exact.n_params,) and st.fingerprint["kind"] == "exact"
-    res = st.influence(S.query_features(exact, ckpts, setup["query"].batches(N_QUERY), store=st), progress=False)
+    res = st.influence(query_features(exact, ckpts, setup["query"].batches(N_QUERY), store=st), progress=False)
     ref = exact.influence(setup["train"].batches(BATCH), setup["query"].batches(N_QUERY),
                           checkpoints=[(c.path, c.lr) for c in ckpts])
     torch.testing.assert_close(res.sdi, ref.sdi, rtol=1e-5, atol=1e-6 * float(ref.sdi.abs().max()))
@@ -177,8 +181,8 @@ def test_streaming_top_k_breaks_ties_like_a_stable_sort(tmp_path, chunk):
 
 def test_top_k_result_file_round_trip(setup, tmp_path):
     top = setup["store"].top_k(setup["queries"], k=3, progress=False)
-    back = S.StreamTopK.load(top.save(tmp_path / "top.npz"))
-    for name in S.StreamTopK.ARRAYS:
+    back = StreamTopK.load(top.save(tmp_path / "top.npz"))
+    for name in StreamTopK.ARRAYS:
         assert torch.equal(getattr(back, name), getattr(top, name))
     assert back.meta["kind"] == "sdi-topk" and back.meta["fingerprint"] == top.meta["fingerprint"]
 
@@ -223,7 +227,7 @@ def test_mismatched_model_checkpoint_eta_and_featurizer_are_named(setup):
         with pytest.raises(S.StoreMismatchError, match=r"featurizer/sketch: differs in \['params'\]"):
             S.FeatureStore.open(st.root, attr=other)
         with pytest.raises(S.StoreMismatchError, match="featurizer/sketch"):
-            S.query_features(other, ckpts, setup["query"].batches(N_QUERY), store=st)
+            query_features(other, ckpts, setup["query"].batches(N_QUERY), store=st)
     finally:
         model.block.layers[0].ln1.weight.requires_grad_(True)
     S.FeatureStore.open(st.root, attr=attr, checkpoints=ckpts)  # the matching ones pass
@@ -240,7 +244,7 @@ def test_resume_with_other_settings_or_data_is_refused(setup, tmp_path):
         featurize(setup, path, batch_size=4)
     changed = setup["train"].flip_labels(indices=[20])
     with pytest.raises(S.StoreMismatchError, match=r"training data differs in chunk 1 \(rows 16:32\)"):
-        S.featurize(path, setup["attr"], changed, setup["ckpts"], chunk_size=CHUNK, batch_size=BATCH, progress=False)
+        F.featurize(path, setup["attr"], changed, setup["ckpts"], chunk_size=CHUNK, batch_size=BATCH, progress=False)
 
 
 def test_bad_paths_and_incomplete_stores(setup, tmp_path):
@@ -258,7 +262,7 @@ def test_bad_paths_and_incomplete_stores(setup, tmp_path):
     with pytest.raises(S.StoreError, match="incomplete"):
         S.FeatureStore.open(path)
     with pytest.raises(TypeError, match="data must have"):
-        S.featurize(tmp_path / "t", setup["attr"], [1, 2, 3], setup["ckpts"])
+        F.featurize(tmp_path / "t", setup["attr"], [1, 2, 3], setup["ckpts"])
 
 
 # ------------------------------------------------------------------------------------------ integrity
@@ -322,7 +326,7 @@ def test_half_precision_storage_error_is_small(setup, tmp_path):
     # tolerance: the unit roundoff of the storage format (2^-11, 2^-8); measured errors are ~20x below it
     for dtype, tol in (("float16", 2.0**-11), ("bfloat16", 2.0**-8)):
         st = featurize(setup, tmp_path / dtype, dtype=dtype)
-        assert st.memmap(0, 0).dtype == S.STORAGE_DTYPES[dtype]
+        assert st.memmap(0, 0).dtype == STORAGE_DTYPES[dtype]
         assert st.nbytes == setup["store"].nbytes // 2
         res = st.influence(setup["queries"], progress=False)
         err = float((res.sdi - ref.sdi).norm() / ref.sdi.norm())
@@ -332,11 +336,11 @@ def test_half_precision_storage_error_is_small(setup, tmp_path):
 
 def test_storage_conversions():
     x = torch.tensor([[1.0, -2.5e-3, 3.14159, 1e30]])
-    assert torch.equal(S.from_storage(S.to_storage(x, "bfloat16"), "bfloat16"), x.bfloat16().float())
-    assert S.to_storage(x, "bfloat16").dtype == np.uint16
+    assert torch.equal(from_storage(to_storage(x, "bfloat16"), "bfloat16"), x.bfloat16().float())
+    assert to_storage(x, "bfloat16").dtype == np.uint16
     small = x[:, :3]
-    assert torch.equal(S.from_storage(S.to_storage(small, "float16"), "float16"), small.half().float())
+    assert torch.equal(from_storage(to_storage(small, "float16"), "float16"), small.half().float())
     with pytest.raises(S.StoreError, match="float16's range"):
-        S.to_storage(torch.tensor([7e4]), "float16")
+        to_storage(torch.tensor([7e4]), "float16")
     with pytest.raises(ValueError, match="dtype must be one of"):
         S.store_header({}, [], {}, 10, 4, "float64")
