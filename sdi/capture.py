@@ -132,7 +132,7 @@ class StepCapture:
         self._errors: list[str] = []
 
     # -- hooks -------------------------------------------------------------------------------------
-    def _loop_pre(self, index: int):
+    def loop_pre_hook(self, index: int):
         def hook(module, args):
             if self._active:
                 self._stack.append(self.loop_calls[index])
@@ -143,7 +143,7 @@ class StepCapture:
         if self._active and self._stack:
             self._stack.pop()
 
-    def _leaf_hook(self, name: str):
+    def leaf_hook(self, name: str):
         def hook(module, args, kwargs, output):
             if not self._active or not torch.is_grad_enabled():
                 return
@@ -165,11 +165,11 @@ class StepCapture:
     # -- context -----------------------------------------------------------------------------------
     def __enter__(self) -> "StepCapture":
         for i, m in enumerate(self.loop_modules):
-            self._handles.append(m.register_forward_pre_hook(self._loop_pre(i)))
+            self._handles.append(m.register_forward_pre_hook(self.loop_pre_hook(i)))
             self._handles.append(m.register_forward_hook(self._loop_post))
         for name, leaf in self.leaves.items():
             # prepend: a loop module that owns parameters must record before its own post-hook pops the step
-            self._handles.append(leaf.register_forward_hook(self._leaf_hook(name), with_kwargs=True, prepend=True))
+            self._handles.append(leaf.register_forward_hook(self.leaf_hook(name), with_kwargs=True, prepend=True))
         return self
 
     def __exit__(self, *exc) -> None:
