@@ -88,7 +88,9 @@ def loop_parameters(model: nn.Module, loop_modules: list[nn.Module]) -> tuple[li
 
     A parameter shared by two modules (tied weights) appears once; both owners become leaves.
     """
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), n)        # a module listed several times (h = [block] * 3) keeps its first name
     slots: list[ParamSlot] = []
     leaves: dict[str, nn.Module] = {}
     seen: set[int] = set()

@@ -61,7 +61,7 @@ def find_loops(model: nn.Module, batch: Any, loss_fn: Callable) -> list[LoopCand
         if c < 2:
             continue
         parent = name.rpartition(".")[0]
-        while parent and parent not in by_name:
+        while parent and not by_name.get(parent):     # the nearest ancestor that ran (skips ModuleLists)
             parent = parent.rpartition(".")[0]
         if parent and by_name.get(parent, 0) >= c:
             continue                    # repeated because its parent is
