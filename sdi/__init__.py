@@ -12,7 +12,8 @@ The modules, in the order data flows through them::
 
     tasks, presets        algorithmic tasks and ready-made setups
     model, train          LoopedGPT, training with checkpoints that carry eta_k
-    checkpoints           checkpoint files, the user's checkpoint list, the walk that loads each in turn
+    checkpoints           checkpoint files (every layout: checkpoint_formats), the user's list, the walk
+    loops, plan, losses   find_loops (what to pass as loop), which kind each parameter gets, HF-style losses
     capture               hooks that see every call of every loop layer, tagged with its iteration
     leaves                one class per module kind: per-example gradients from one recorded call
     sketch, featurizers   CountSketch / TensorSketch kernels; exact and sketched featurizers
@@ -31,6 +32,8 @@ from .capture import CaptureError
 from .checkpoints import Checkpoint, CheckpointWalk, load_checkpoint, save_checkpoint
 from .features import StepFeatures
 from .influence import StepInfluence
+from .loops import LoopCandidate, find_loops
+from . import losses
 from .model import LoopedGPT, LoopedGPTConfig, LoopedOutput
 from .results import InfluenceResult, StreamTopK, TopK
 from .train import TrainConfig, TrainResult
@@ -40,5 +43,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CaptureError", "Checkpoint", "CheckpointWalk", "InfluenceResult", "LoopedGPT", "LoopedGPTConfig",
     "LoopedOutput", "StepFeatures", "StepInfluence", "StreamTopK", "TopK", "TrainConfig", "TrainResult",
-    "load_checkpoint", "save_checkpoint", "metrics", "presets", "tasks", "train",
+    "load_checkpoint", "save_checkpoint", "metrics", "presets", "tasks", "train", "find_loops", "LoopCandidate",
+    "losses",
 ]

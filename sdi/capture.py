@@ -88,7 +88,9 @@ def loop_parameters(model: nn.Module, loop_modules: list[nn.Module]) -> tuple[li
 
     A parameter shared by two modules (tied weights) appears once; both owners become leaves.
     """
-    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    names: dict[int, str] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), n)        # a module listed several times (h = [block] * 3) keeps its first name
     slots: list[ParamSlot] = []
     leaves: dict[str, nn.Module] = {}
     seen: set[int] = set()
@@ -130,22 +132,28 @@ class StepCapture:
         self._handles: list = []
         self._active = True
         self._errors: list[str] = []
+        self._batch: list[int] = []
+        #: iterations in which some loop layer ran without gradient (no_grad / inference_mode)
+        self.no_grad_steps: set[int] = set()
+        self.inference_mode = False
 
     # -- hooks -------------------------------------------------------------------------------------
     def loop_pre_hook(self, index: int):
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if self._active:
                 self._stack.append(self.loop_calls[index])
                 self.loop_calls[index] += 1
+                self._batch.append(_batch_size(args, kwargs))
         return hook
 
     def _loop_post(self, module, args, output):
         if self._active and self._stack:
             self._stack.pop()
+            self._batch.pop()
 
     def leaf_hook(self, name: str):
         def hook(module, args, kwargs, output):
-            if not self._active or not torch.is_grad_enabled():
+            if not self._active:
                 return
             if not self._stack:
                 self._errors.append(
@@ -153,19 +161,35 @@ class StepCapture:
                     "there cannot be assigned to an iteration. Untie the weight or add the module to `loop`."
                 )
                 return
+            if not torch.is_grad_enabled():   # truncated backprop, or a loop run entirely under no_grad
+                self.no_grad_steps.add(self._stack[-1])
+                self.inference_mode |= torch.is_inference_mode_enabled()
+                return
+            B = self._batch[-1]
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            expand = B > 1 and _broadcast_call(args, kwargs, outputs)
+            if expand:
+                # An input shared by the whole batch (position ids of shape (1, T)): the output broadcasts later,
+                # so its backprop would arrive summed over examples. Handing the model an expanded view instead
+                # gives the same forward values and a per-example backprop.
+                outputs = tuple(o.expand(B, *o.shape[1:]) if torch.is_tensor(o) and o.dim() and o.shape[0] == 1
+                                else o for o in outputs)
+                args = tuple(_expand(a, B) for a in args)
+                kwargs = {k: _expand(v, B) for k, v in kwargs.items()}
             rec = self.calls.setdefault(name, LeafCalls(name, module))
             rec.steps.append(self._stack[-1])
             rec.args.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args))
             rec.kwargs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-            outputs = output if isinstance(output, (tuple, list)) else (output,)
             rec.outputs.append([o if torch.is_tensor(o) and o.requires_grad else None for o in outputs])
             rec.grad_outputs.append([None] * len(outputs))
+            if expand:
+                return outputs if isinstance(output, (tuple, list)) else outputs[0]
         return hook
 
     # -- context -----------------------------------------------------------------------------------
     def __enter__(self) -> "StepCapture":
         for i, m in enumerate(self.loop_modules):
-            self._handles.append(m.register_forward_pre_hook(self.loop_pre_hook(i)))
+            self._handles.append(m.register_forward_pre_hook(self.loop_pre_hook(i), with_kwargs=True))
             self._handles.append(m.register_forward_hook(self._loop_post))
         for name, leaf in self.leaves.items():
             # prepend: a loop module that owns parameters must record before its own post-hook pops the step
@@ -213,9 +237,15 @@ class StepCapture:
         names = [type(m).__name__ for m in self.loop_modules]
         never = [n for n, c in zip(names, self.loop_calls) if c == 0]
         if never:
+            hint = ""
+            if any(isinstance(m, (nn.ModuleList, nn.ModuleDict)) and c == 0
+                   for m, c in zip(self.loop_modules, self.loop_calls)):
+                hint = (" (an nn.ModuleList/ModuleDict is a container the model iterates over, never calls: pass "
+                        "its elements, e.g. loop=list(model.layers), or the module that calls them)")
             raise CaptureError(
                 f"loop module(s) {never} never ran in the forward pass of loss_fn; pass the module(s) that the "
-                "model calls once per iteration as `loop`"
+                f"model calls once per iteration as `loop`{hint}. sdi.find_loops(model, batch, loss_fn) lists "
+                "the modules called more than once per forward pass"
             )
         if len(set(self.loop_calls)) != 1:
             raise CaptureError(
@@ -225,5 +255,25 @@ class StepCapture:
         return self.loop_calls[0]
 
     def raise_errors(self) -> None:
+        """Raise the first problem the hooks met; a loop module that never ran is reported before anything else."""
+        self.n_steps
         if self._errors:
             raise CaptureError(self._errors[0])
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int:
+    """The leading dimension of a loop call's first tensor input (its example dimension); 1 if it has none."""
+    first = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.dim() > 0), None)
+    return 1 if first is None else first.shape[0]
+
+
+def _broadcast_call(args: tuple, kwargs: dict, outputs: tuple) -> bool:
+    """Whether every tensor input and output of a leaf call has batch dimension 1 (an input shared by the batch)."""
+    ins = [t for t in (*args, *kwargs.values()) if torch.is_tensor(t) and t.dim() > 0]
+    outs = [o for o in outputs if torch.is_tensor(o) and o.requires_grad]
+    return bool(ins) and bool(outs) and all(t.shape[0] == 1 for t in ins + outs) and \
+        not any(t.requires_grad for t in ins)
+
+
+def _expand(v, B: int):
+    return v.expand(B, *v.shape[1:]) if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == 1 else v

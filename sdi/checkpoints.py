@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.nn as nn
 
+from .checkpoint_formats import fill_tied, read_checkpoint
 from .files import atomic_write
 from .fingerprints import weights_digest
 
@@ -41,7 +42,7 @@ class Checkpoint:
     def load_state_dict(self) -> dict[str, torch.Tensor]:
         if self.state_dict is not None:
             return self.state_dict
-        return load_checkpoint(self.path)["state_dict"]
+        return read_checkpoint(self.path).state_dict
 
 
 def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], **meta) -> Path:
@@ -51,14 +52,20 @@ def save_checkpoint(path: str | os.PathLike, state_dict: dict[str, torch.Tensor]
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` without unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "state_dict" not in payload:
-        raise ValueError(f"{path} is not an sdi checkpoint (no 'state_dict' entry)")
-    return payload
+    """Read a checkpoint in any layout of :mod:`sdi.checkpoint_formats` without unpickling code.
+
+    Returns ``{"state_dict": ..., **meta}``: for a file from :func:`save_checkpoint` exactly what was saved;
+    otherwise ``lr`` (eta, when the file carries it or an optimizer state) and ``step`` when known, and ``layout``.
+    """
+    ck = read_checkpoint(path)
+    if ck.layout == "sdi":
+        return {"state_dict": ck.state_dict, **ck.meta, "lr": ck.eta}
+    out: dict[str, Any] = {"state_dict": ck.state_dict, "layout": ck.layout}
+    if ck.eta is not None:
+        out["lr"] = ck.eta
+    if ck.step is not None:
+        out["step"] = ck.step
+    return out
 
 
 # ------------------------------------------------------------------------------------------ the user's list
@@ -81,11 +88,15 @@ class CheckpointRef:
         return {"name": self.name, "step": self.step, "eta": self.eta, "sha256": self.sha256}
 
 
-CheckpointSpec = Any  # (path | state_dict, eta), a Checkpoint (eta = its lr), or a CheckpointRef
+CheckpointSpec = Any  # path, (path | state_dict, eta | None), a Checkpoint (eta = its lr), or a CheckpointRef
 
 
 def resolve_checkpoints(checkpoints: Sequence[CheckpointSpec] | None, digests: bool = False) -> list[CheckpointRef]:
-    """``[(path | state_dict, eta) | Checkpoint, ...]`` -> one :class:`CheckpointRef` per checkpoint.
+    """``[path | (path | state_dict, eta) | Checkpoint, ...]`` -> one :class:`CheckpointRef` per checkpoint.
+
+    A path is a file or an HF ``save_pretrained`` folder in any layout of :mod:`sdi.checkpoint_formats`. Given
+    alone, or with ``eta=None``, its ``eta`` is read from the file: the ``lr`` an sdi checkpoint carries, else the
+    learning rate of the first param group of the optimizer state saved with it.
 
     ``None`` means the current weights with ``eta = 1``. With ``digests`` every checkpoint is loaded once here to
     hash it (no more than one checkpoint's weights are held at a time).
@@ -112,21 +123,32 @@ def _ref(i: int, spec: CheckpointSpec) -> CheckpointRef:
     step = None
     if isinstance(spec, Checkpoint):
         state, eta, step = (spec.path if spec.path is not None else spec.state_dict), spec.lr, spec.step
+    elif isinstance(spec, (str, os.PathLike)):
+        state, eta = spec, None
     elif isinstance(spec, (tuple, list)) and len(spec) == 2:
         state, eta = spec
     else:
-        raise TypeError(f"checkpoints[{i}] must be a (path_or_state_dict, eta) pair or a Checkpoint, "
+        raise TypeError(f"checkpoints[{i}] must be a path, a (path_or_state_dict, eta) pair or a Checkpoint, "
                         f"got {type(spec).__name__}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-        raise ValueError(f"checkpoints[{i}]: eta must be a finite number, got {eta!r}")
+    if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta)):
+        raise ValueError(f"checkpoints[{i}]: eta must be a finite number (or None to read it from the file's "
+                         f"optimizer state), got {eta!r}")
     if isinstance(state, (str, os.PathLike)):
         path = Path(state)
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"checkpoints[{i}]: checkpoint file not found: {path}")
-        if step is None:
-            step = load_checkpoint(path).get("step")
-        return CheckpointRef(lambda: load_checkpoint(path)["state_dict"], path.name,
+        if step is None or eta is None:
+            ck = read_checkpoint(path)
+            step = ck.step if step is None else step
+            if eta is None:
+                if ck.eta is None or not math.isfinite(ck.eta):
+                    raise ValueError(f"checkpoints[{i}]: {path} ({ck.layout}) carries no learning rate (no 'lr' "
+                                     "entry, no optimizer state); pass (path, eta)")
+                eta = ck.eta
+        return CheckpointRef(lambda: read_checkpoint(path).state_dict, path.name,
                              None if step is None else int(step), float(eta))
+    if eta is None:
+        raise ValueError(f"checkpoints[{i}]: a state_dict carries no learning rate; pass (state_dict, eta)")
     if isinstance(state, dict):
         return CheckpointRef(lambda: state, f"state_dict_{i}", step, float(eta))
     raise TypeError(f"checkpoints[{i}]: expected a path or a state_dict, got {type(state).__name__}")
@@ -135,11 +157,15 @@ def _ref(i: int, spec: CheckpointSpec) -> CheckpointRef:
 # ------------------------------------------------------------------------------------------ the walk
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
-    """``model.load_state_dict(state)`` with an error that names the checkpoint."""
+    """``model.load_state_dict(state)`` with an error that names the checkpoint.
+
+    Keys of tied tensors that ``state`` lacks (HF ``save_pretrained`` writes one name per shared tensor) are
+    filled from their twin, as ``from_pretrained`` does; everything else must match exactly.
+    """
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint {name}: expected a state_dict, got {type(state).__name__}")
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(fill_tied(model, state))
     except RuntimeError as e:
         raise ValueError(f"checkpoint {name} does not fit the model: {e}") from None
 

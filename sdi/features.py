@@ -65,6 +65,7 @@ def batch_features(
     batch: Any,
     expected_steps: int | None = None,
     check: bool = True,
+    on_steps: Callable[[int, list[int]], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one batch: ``(features (B, T, *feature_shape), losses (B,))``.
 
@@ -73,12 +74,16 @@ def batch_features(
     loop parameters' batch gradient and raises :class:`~sdi.CaptureError` unless the features add up to it —
     proof that the hooks saw every use of every parameter. Callers check the first batch of every pass:
     which parameters the hooks see is a property of the model's code, not of the data.
+
+    A batch in which no iteration produced a gradient (the loop ran under ``no_grad``, or its state was detached)
+    raises :class:`~sdi.CaptureError`: its features would be exactly 0. ``on_steps(T, steps_without_gradient)``
+    is told which iterations had none (truncated backprop; their features are 0, correctly).
     """
     params = [s.param for s in featurizer.slots]
     with StepCapture(model, loop_modules, leaves) as cap:
         losses = loss_fn(model, batch)
-    _check_losses(losses)
     cap.raise_errors()
+    _check_losses(losses)
     true_grads = cap.backward(losses, params if check else None)
     T = cap.n_steps
     if expected_steps is not None and T != expected_steps:
@@ -87,20 +92,52 @@ def batch_features(
             "to one call must use the same number of iterations"
         )
     B = losses.shape[0]
-    for rec in cap.calls.values():
-        first = next((a for a in rec.args[0] if torch.is_tensor(a)), None)
-        if first is not None and first.shape[0] != B:
-            raise ValueError(
-                f"loss_fn returned {B} losses but module '{rec.name}' saw a batch of {first.shape[0]}; loss_fn must "
-                "return one loss per example, shape (B,)"
-            )
+    _check_batch_dims(cap, B)
+    grad_steps = {step for rec in cap.calls.values() for c, step in enumerate(rec.steps)
+                  if any(g is not None for g in rec.grad_outputs[c])}
+    if not grad_steps:
+        raise CaptureError(_no_gradient_message(cap, T))
     out = torch.zeros(B, T, *featurizer.feature_shape, device=losses.device, dtype=torch.float32)
-    featurizer.featurize(cap, out)
-    if check:
-        low_precision = [p.dtype for p in params if p.dtype not in (torch.float32, torch.float64)]
-        check_gradients_match(featurizer.slots, featurizer.batch_grads(cap), true_grads,
-                              low_precision[0] if low_precision else losses.dtype)
+    with torch.no_grad():   # features are data: never part of an autograd graph (torch.func's grad still works)
+        featurizer.featurize(cap, out)
+        if check:
+            low_precision = [p.dtype for p in params if p.dtype not in (torch.float32, torch.float64)]
+            check_gradients_match(featurizer.slots, featurizer.batch_grads(cap), true_grads,
+                                  low_precision[0] if low_precision else losses.dtype)
+    if on_steps is not None:
+        on_steps(T, sorted(set(range(T)) - grad_steps))
     return out, losses.detach().float()
+
+
+def _check_batch_dims(cap: StepCapture, B: int) -> None:
+    """Every recorded leaf input must have the batch dimension of the losses; name the module and input if not."""
+    for rec in cap.calls.values():
+        named = [(f"args[{i}]", a) for i, a in enumerate(rec.args[0])] + list(rec.kwargs[0].items())
+        for where, a in named:
+            if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] != B:
+                if a.shape[0] == 1:
+                    raise ValueError(
+                        f"module '{rec.name}' received {where} of shape {tuple(a.shape)}, broadcast over the batch "
+                        f"of {B} (e.g. position ids of shape (1, T)), and that input carries a gradient, so its "
+                        f"per-example share cannot be recovered; expand it to the batch ({B}, ...) before the call, "
+                        f"or exclude the module's parameters with requires_grad_(False)")
+                raise ValueError(
+                    f"loss_fn returned {B} losses but module '{rec.name}' saw {where} with a batch of {a.shape[0]}; "
+                    "loss_fn must return one loss per example, shape (B,)")
+            if torch.is_tensor(a) and a.dim() > 0:
+                break   # the first tensor input decides: later ones may be shared tables (e.g. a rotary cache)
+
+
+def _no_gradient_message(cap: StepCapture, T: int) -> str:
+    if cap.no_grad_steps:
+        cause = ("torch.inference_mode" if cap.inference_mode else "torch.no_grad") + \
+            f": the loop's layers ran with gradients disabled in {len(cap.no_grad_steps)} of {T} iteration(s) " \
+            "and no iteration produced a gradient"
+    else:
+        cause = "the loop's outputs do not reach the loss with a gradient (a detached state, e.g. h.detach())"
+    return (f"no loop iteration carries a gradient ({cause}), so every SDI and TracIn score would be exactly 0. "
+            "Run at least the iterations to attribute with gradients enabled (e.g. Huginn-style models: pass the "
+            "number of steps with gradient explicitly instead of running the loop under no_grad)")
 
 
 def _check_losses(losses: Any) -> None:

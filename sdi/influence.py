@@ -10,6 +10,7 @@ resumable); the call, the batches and the result type stay the same.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -19,10 +20,14 @@ from .capture import loop_parameters, normalize_loop
 from .checkpoints import CheckpointSpec, CheckpointWalk
 from .featurizers import ExactFeaturizer, Featurizer, GroupSpec, SketchFeaturizer
 from .features import StepFeatures, batch_features
+from .plan import Plan, generic_warning, make_plan
 from .progress import progress_bar
 from .results import InfluenceResult, StreamTopK
 from .scoring import QueryBlock, ScoreCollector, score_block, self_scores, sum_checkpoints
 from .sketch import DEFAULT_SKETCH_DIM
+
+#: A sketched in-memory run warns when the predicted relative error of its top scores exceeds this.
+PREDICTED_ERROR_WARNING = 0.1
 
 
 def as_batches(batches: Any, name: str) -> list:
@@ -80,6 +85,26 @@ class StepInfluence:
         self.groups = groups
         self.progress = progress
         self.featurizer = self._make_featurizer()
+        self._plan = make_plan(self.slots, self.leaves)
+        self._told: set[str] = set()
+        slow = generic_warning(self._plan)
+        if slow:
+            warnings.warn(slow, stacklevel=2)
+
+    def plan(self) -> Plan:
+        """Which module kind computes each parameter's per-example gradient (``print(attr.plan())``: a table)."""
+        return self._plan
+
+    def _tell_once(self, key: str, message: str) -> None:
+        if key not in self._told:
+            self._told.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _on_steps(self, T: int, without_gradient: list[int]) -> None:
+        if without_gradient:
+            self._tell_once(f"no-grad {T} {without_gradient}",
+                            f"sdi: {len(without_gradient)} of {T} loop iteration(s) ran without gradient (0-based "
+                            f"steps {without_gradient}: truncated backprop, no_grad); their SDI is 0")
 
     def _make_featurizer(self) -> Featurizer:
         if self.sketch_dim is None:
@@ -117,7 +142,7 @@ class StepInfluence:
         with _eval_mode(self.model):
             for i, batch in enumerate(progress_bar(batches, show and len(batches) >= 4, desc=desc, leave=False)):
                 feats, losses = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer, loss_fn,
-                                               batch, T, check=i == 0)
+                                               batch, T, check=i == 0, on_steps=self._on_steps)
                 T = feats.shape[1]
                 yield feats, losses
 
@@ -180,19 +205,31 @@ class StepInfluence:
                 block = QueryBlock.of(query.features)
                 start, losses = 0, []
                 for feats, l in self.stream_features(train_batches, desc=f"train (checkpoint {k + 1}/{K})"):
-                    scores.add(k, start, score_block(feats, block, ref.eta, step_matrix=step_matrix))
+                    scores.add(k, start, score_block(feats, block, ref.eta, step_matrix=step_matrix,
+                                                     sketch_dim=self.sketch_dim))
                     start += len(l)
                     losses.append(l.cpu())
                 train_losses.append(torch.cat(losses))
                 query_losses.append(query.losses.cpu())
         totals = scores.totals()
-        return InfluenceResult(
+        res = InfluenceResult(
             sdi=totals["sdi"], train_sdi=totals["train_sdi"], tracin=totals["tracin"],
             etas=torch.tensor([r.eta for r in walk.refs], dtype=torch.float32),
             train_losses=torch.stack(train_losses), query_losses=torch.stack(query_losses),
             step_matrix=totals["step_matrix"], checkpoint_sdi=totals["checkpoint_sdi"],
             meta={"fingerprint": self.fingerprint(), "sketch_dim": self.sketch_dim, "seed": self.seed,
-                  "checkpoints": [r.name for r in walk.refs], "n_params": self.n_params})
+                  "checkpoints": [r.name for r in walk.refs], "n_params": self.n_params},
+            sdi_se=totals["sdi_se"], train_sdi_se=totals["train_sdi_se"], tracin_se=totals["tracin_se"])
+        if res.tracin_se is not None:
+            rel = res.predicted_relative_error()
+            res.meta["predicted_relative_error"] = rel
+            if rel > PREDICTED_ERROR_WARNING:
+                warnings.warn(f"sdi: the sketch is too small for this model: the predicted relative error of the "
+                              f"top-10 TracIn scores is {rel:.2f} (median over queries; res.top_k(..., se=True) "
+                              f"shows each score's standard error). Use a larger sketch_dim (now "
+                              f"{self.sketch_dim}; the error falls as 1/sqrt(sketch_dim)) or sketch_dim=None for "
+                              "exact scores", stacklevel=3)
+        return res
 
     def self_influence(self, batches: Iterable, checkpoints: Sequence[CheckpointSpec] | None = None) -> torch.Tensor:
         """Step-resolved self-influence ``sum_k eta_k <grad L(z), phi_t(z)>``: (N, T); ``.sum(-1)`` is TracIn(z, z).

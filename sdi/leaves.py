@@ -6,11 +6,13 @@ parameters *at that call's step* follows, in closed form for the layers a transf
 kinds known in closed form::
 
     Linear               phi(W) = sum_n delta_n (x) a_n,  phi(b) = sum_n delta_n
+    Conv1D (transformers) the same with W stored transposed: phi(W) = sum_n a_n (x) delta_n
     LayerNorm, RMSNorm   phi(gain) = sum_n delta_n * x_hat_n,  phi(bias) = sum_n delta_n
     Embedding            phi(E) = sum_n onehot(id_n) (x) delta_n
     anything else        torch.func: vmap(grad(...)) of the module re-run on its recorded inputs
 
-Each kind is one class, looked up by the module's type (:func:`leaf_kind`), with four methods: its per-example
+Each kind is one class, looked up by the module's type (:func:`leaf_kind`; a subclass that keeps its parent's
+``forward`` gets the parent's kind), with four methods: its per-example
 gradient (the exact feature), its batch gradient (for the completeness check against autograd), and how it adds
 itself to an exact and to a sketched feature. The base class derives the last three from the first, so a new
 kind needs only ``per_example``; the closed-form kinds override the others with faster routes (a batched matmul
@@ -110,12 +112,46 @@ def register_leaf_kind(*module_types: type) -> Callable[[type[LeafKind]], type[L
     return register
 
 
+#: Closed-form kinds recognised by a predicate rather than a type we can import (transformers' Conv1D: sdi never
+#: imports transformers).
+NAMED_KINDS: list[tuple[Callable[[nn.Module], bool], type[LeafKind]]] = []
+
+
+def _lookup(module: nn.Module) -> tuple[type[LeafKind] | None, str]:
+    """``(kind, "")`` for a closed-form kind, else ``(None, why the module takes the generic path)``.
+
+    A subclass of a registered type gets the parent's kind when it keeps the parent's ``forward``.
+    """
+    t = type(module)
+    for base in t.__mro__:
+        kind = LEAF_KINDS.get(base)
+        if kind is None:
+            continue
+        if base is not t and getattr(t, "forward", None) is not getattr(base, "forward", None):
+            return None, f"{t.__name__} subclasses {base.__name__} but overrides forward"
+        if not kind.accepts(module):
+            return None, f"{t.__name__} uses options the {kind.__name__} closed form does not cover"
+        return kind, ""
+    for matches, kind in NAMED_KINDS:
+        if matches(module) and kind.accepts(module):
+            return kind, ""
+    has_children = any(True for _ in module.children())
+    if has_children:
+        return None, (f"{t.__name__} owns parameter(s) directly besides its child layers (re-run whole under "
+                      "torch.func); wrapping such a parameter in a module of its own makes it cheaper")
+    return None, (f"no closed-form kind for {t.__module__}.{t.__qualname__}; register one with "
+                  "@sdi.leaves.register_leaf_kind")
+
+
 def leaf_kind(module: nn.Module) -> LeafKind:
     """The :class:`LeafKind` that computes ``module``'s per-example gradients."""
-    kind = LEAF_KINDS.get(type(module))
-    if kind is not None and kind.accepts(module):
-        return kind(module)
-    return GenericLeaf(module)
+    kind, _ = _lookup(module)
+    return kind(module) if kind is not None else GenericLeaf(module)
+
+
+def generic_reason(module: nn.Module) -> str:
+    """Why ``module`` takes the generic torch.func path ("" when it has a closed-form kind)."""
+    return _lookup(module)[1]
 
 
 # ------------------------------------------------------------------------------------------ closed forms
@@ -126,42 +162,77 @@ class LinearLeaf(LeafKind):
 
     def factors(self, rec: LeafCalls, call: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, delta)``: (B, N, d_in) and (B, N, d_out), float32."""
-        m = self.module
-        a = tokens_last(rec.args[call][0], m.in_features).float()
-        delta = tokens_last(rec.grad_outputs[call][0], m.out_features).float()
+        d_out, d_in = self.widths()
+        a = tokens_last(rec.args[call][0], d_in).float()
+        delta = tokens_last(rec.grad_outputs[call][0], d_out).float()
         return a, delta
 
-    def per_example(self, cap, rec, call, attrs):
+    def widths(self) -> tuple[int, int]:
+        """``(d_out, d_in)``."""
+        return self.module.out_features, self.module.in_features
+
+    def outer(self, rec: LeafCalls, call: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, cols, delta)``: ``phi(W) = sum_n rows_n (x) cols_n`` in the weight's own layout, ``(delta, a)``."""
         a, delta = self.factors(rec, call)
-        return {attr: delta.transpose(1, 2) @ a if attr == "weight" else delta.sum(1) for attr in attrs}
+        return delta, a, delta
+
+    def per_example(self, cap, rec, call, attrs):
+        rows, cols, delta = self.outer(rec, call)
+        return {attr: rows.transpose(1, 2) @ cols if attr == "weight" else delta.sum(1) for attr in attrs}
 
     def batch_grad(self, cap, rec, call, attrs):
-        a, delta = self.factors(rec, call)
-        parts = {"weight": lambda: delta.flatten(0, 1).T @ a.flatten(0, 1), "bias": lambda: delta.sum((0, 1))}
+        rows, cols, delta = self.outer(rec, call)
+        parts = {"weight": lambda: rows.flatten(0, 1).T @ cols.flatten(0, 1), "bias": lambda: delta.sum((0, 1))}
         return {attr: parts[attr]() for attr in attrs}
 
     def add_exact(self, cap, rec, call, slots, dest):
-        a, delta = self.factors(rec, call)
+        rows, cols, delta = self.outer(rec, call)
         for attr, slot in slots:
             if attr == "weight":
-                # sum_n delta_n (x) a_n as a batched matmul written straight into the feature: no
+                # sum_n rows_n (x) cols_n as a batched matmul written straight into the feature: no
                 # (B, d_out, d_in) temporary and no second pass to copy it (profiled: 3-7x faster)
-                dest(slot).baddbmm_(delta.transpose(1, 2), a)
+                dest(slot).baddbmm_(rows.transpose(1, 2), cols)
             else:
                 dest(slot).add_(delta.sum(1))
 
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
-        a, delta = self.factors(rec, call)
+        rows, cols, delta = self.outer(rec, call)
         for attr, slot in slots:
             spec = sketcher.spec(slot, delta.device)
             group = sketcher.group_of[id(slot.param)]
             if attr == "bias":
                 spec.add_into(target.rows(step, group), delta.sum(1))
-            elif sketcher.use_outer(spec, a.shape[1]):
-                tensor_sketch_outer(target.rows(step, group), delta, a, spec, sketcher.flat_hash(slot, spec, a.device),
-                                    sketcher.max_chunk_elements)
+            elif sketcher.use_outer(spec, cols.shape[1]):
+                tensor_sketch_outer(target.rows(step, group), rows, cols, spec,
+                                    sketcher.flat_hash(slot, spec, cols.device), sketcher.max_chunk_elements)
             else:
-                tensor_sketch_fft(target.freq_rows(step, group), delta, a, spec, sketcher.max_chunk_elements)
+                tensor_sketch_fft(target.freq_rows(step, group), rows, cols, spec, sketcher.max_chunk_elements)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2's linear layers), recognised without importing transformers."""
+    t = type(module)
+    w = getattr(module, "weight", None)
+    return (t.__name__ == "Conv1D" and t.__module__.startswith("transformers") and isinstance(w, torch.Tensor)
+            and w.dim() == 2 and getattr(module, "nf", None) == w.shape[1])
+
+
+class Conv1DLeaf(LinearLeaf):
+    """transformers' ``Conv1D``: ``y = a W + b`` with ``W`` (d_in, d_out), an ``nn.Linear`` stored transposed.
+
+    ``phi(W) = sum_n a_n (x) delta_n``: the Linear kernels with the two factors swapped, at the same cost.
+    """
+
+    def widths(self) -> tuple[int, int]:
+        d_in, d_out = self.module.weight.shape
+        return d_out, d_in
+
+    def outer(self, rec, call):
+        a, delta = self.factors(rec, call)
+        return a, delta, delta
+
+
+NAMED_KINDS.append((_is_hf_conv1d, Conv1DLeaf))
 
 
 NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -250,6 +321,9 @@ class GenericLeaf(LeafKind):
         B = next(a.shape[0] for a in args if torch.is_tensor(a))
         batched = lambda v: torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B  # noqa: E731
         params = {a: getattr(module, a).detach() for a in attrs}
+        # every other parameter and buffer (child layers included) enters as a constant: left live, they would put
+        # the model's parameters into the autograd graph of the features (and of every score)
+        fixed = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers()) if n not in params}
         arg_dims = tuple(0 if batched(a) else None for a in args)
         kw_names = [k for k in kwargs if batched(kwargs[k])]
         kw_fixed = {k: v for k, v in kwargs.items() if k not in kw_names}
@@ -257,7 +331,7 @@ class GenericLeaf(LeafKind):
         def pairing(p, one_args, one_kw, one_g):
             call_args = tuple(a.unsqueeze(0) if d == 0 else a for a, d in zip(one_args, arg_dims))
             call_kw = {**kw_fixed, **{k: v.unsqueeze(0) for k, v in zip(kw_names, one_kw)}}
-            out = functional_call(module, p, call_args, call_kw)
+            out = functional_call(module, (p, fixed), call_args, call_kw)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             return sum((o.float() * g.unsqueeze(0)).sum() for o, g in zip(outs, one_g) if g is not None)
 
@@ -269,5 +343,5 @@ class GenericLeaf(LeafKind):
                 params, args, kw_vals, g_in)
 
 
-__all__ = ["LEAF_KINDS", "EmbeddingLeaf", "GenericLeaf", "LeafKind", "LinearLeaf", "NORM_TYPES", "NormLeaf",
+__all__ = ["LEAF_KINDS", "NAMED_KINDS", "Conv1DLeaf", "EmbeddingLeaf", "generic_reason", "GenericLeaf", "LeafKind", "LinearLeaf", "NORM_TYPES", "NormLeaf",
            "leaf_kind", "register_leaf_kind", "tokens_last"]

@@ -32,6 +32,14 @@ class TopK(NamedTuple):
     scores: torch.Tensor
 
 
+class TopKWithErrors(NamedTuple):
+    """A :class:`TopK` plus ``se`` (k,): each sketched score's estimated standard error (``top_k(..., se=True)``)."""
+
+    indices: torch.Tensor
+    scores: torch.Tensor
+    se: torch.Tensor
+
+
 def stable_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest along the last axis, ties to the lower index: ``(values, indices)``, each (..., k)."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
@@ -87,6 +95,8 @@ class InfluenceResult:
         etas:           (K,) the learning-rate weights
         train_losses:   (K, N), query_losses: (K, Q) — losses at each checkpoint
         meta:           plain-JSON description (featurizer fingerprint, sketch size and seed, ...)
+        sdi_se, train_sdi_se, tracin_se: sketched results only (else None), shaped as sdi / train_sdi / tracin —
+                        the estimated standard error of each score (sdi.scoring explains the estimator)
 
     Step indices are 0-based positions on the last axis (see :mod:`sdi.results`).
     """
@@ -100,6 +110,9 @@ class InfluenceResult:
     step_matrix: torch.Tensor | None = None
     checkpoint_sdi: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    sdi_se: torch.Tensor | None = None
+    train_sdi_se: torch.Tensor | None = None
+    tracin_se: torch.Tensor | None = None
 
     @property
     def n_train(self) -> int:
@@ -134,18 +147,43 @@ class InfluenceResult:
         return per_step[:, step]
 
     def top_k(self, query: int, step: int | None = None, k: int | None = None, opponents: bool = False,
-              checkpoint: int | None = None) -> TopK:
+              checkpoint: int | None = None, se: bool = False) -> TopK | TopKWithErrors:
         """The ``k`` (default 10, at most N) strongest proponents, or ``opponents`` (most negative), of ``query``.
 
         ``step`` is a 0-based iteration index (``-1`` = the last); ``None`` ranks by TracIn. ``checkpoint`` ranks
-        by one checkpoint's share. Ties go to the lower training index.
+        by one checkpoint's share. Ties go to the lower training index. With ``se`` (sketched results) the
+        :class:`TopKWithErrors` also carries each score's standard error.
         """
         k = min(10, self.n_train) if k is None else k
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.n_train:
             raise ValueError(f"k must be an int in [1, N_train={self.n_train}], got {k!r}")
         s = self.scores(query, step, checkpoint)
         vals, idx = stable_top_k(-s if opponents else s, k)
-        return TopK(idx, -vals if opponents else vals)
+        if not se:
+            return TopK(idx, -vals if opponents else vals)
+        return TopKWithErrors(idx, -vals if opponents else vals, self.standard_errors(query, step, checkpoint)[idx])
+
+    def standard_errors(self, query: int, step: int | None = None, checkpoint: int | None = None) -> torch.Tensor:
+        """(N,) estimated standard error of :meth:`scores` ``(query, step)`` — sketched results only."""
+        if self.sdi_se is None or self.tracin_se is None:
+            raise ValueError("this result carries no standard errors: exact scores have none, and sketched ones "
+                             "get them from StepInfluence.influence() in memory")
+        if checkpoint is not None:
+            raise ValueError("standard errors are kept for the scores summed over checkpoints only")
+        _check_index("query", query, self.n_query)
+        if step is None:
+            return self.tracin_se[:, query]
+        _check_index("step", step, self.n_steps)
+        return self.sdi_se[:, query, step]
+
+    def predicted_relative_error(self, k: int = 10) -> float:
+        """Median over queries of the median ``se / |score|`` of each query's top-``k`` proponents by TracIn."""
+        if self.tracin_se is None:
+            raise ValueError("this result carries no standard errors (exact scores have none)")
+        k = min(k, self.n_train)
+        vals, idx = stable_top_k(self.tracin.T, k)                          # (Q, k)
+        rel = self.tracin_se.T.gather(1, idx) / vals.abs().clamp_min(1e-30)
+        return float(rel.median(dim=1).values.median())
 
     def conservation_error(self) -> float:
         """``max |sum_t SDI_t - TracIn| / max |TracIn|`` (0 up to rounding)."""
@@ -154,7 +192,8 @@ class InfluenceResult:
                                    (self.train_sdi.sum(-1) - self.tracin).abs().max()) / scale)
 
     # -- files ---------------------------------------------------------------------------------------
-    ARRAYS = ("sdi", "train_sdi", "tracin", "etas", "train_losses", "query_losses", "step_matrix", "checkpoint_sdi")
+    ARRAYS = ("sdi", "train_sdi", "tracin", "etas", "train_losses", "query_losses", "step_matrix", "checkpoint_sdi",
+              "sdi_se", "train_sdi_se", "tracin_se")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write an ``.npz`` (float32 arrays named as the fields + ``meta``, a JSON string), atomically.

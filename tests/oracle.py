@@ -34,9 +34,13 @@ def untie(model: nn.Module, loop_names: list[str], n_copies: int) -> nn.Module:
     """A deep copy of ``model`` whose submodules ``loop_names`` are replaced by :class:`Untied` stand-ins."""
     untied = copy.deepcopy(model)
     for name in loop_names:
-        parent_name, _, attr = name.rpartition(".")
-        parent = untied.get_submodule(parent_name) if parent_name else untied
-        setattr(parent, attr, Untied(getattr(parent, attr), n_copies))
+        target = untied.get_submodule(name)
+        stand_in = Untied(target, n_copies)
+        # every place the module is registered (a ModuleList holding one block several times) gets the stand-in
+        places = [(parent, attr) for parent in untied.modules() for attr, child in parent._modules.items()
+                  if child is target]
+        for parent, attr in places:
+            setattr(parent, attr, stand_in)
     return untied
 
 
@@ -85,3 +89,30 @@ def full_grads(model: nn.Module, param_names: list[str], loss_fn, batch: dict) -
     g = vmap(grad(one_loss), in_dims=(None,) + (0,) * len(keys))(params, *[batch[k] for k in keys])
     B = batch[keys[0]].shape[0]
     return torch.cat([g[n].reshape(B, -1) for n in param_names], dim=1)
+
+
+def oracle_per_step_grads_autograd(model: nn.Module, loop_names: list[str], param_names: list[str], loss_fn,
+                                   batch: dict, n_steps: int) -> torch.Tensor:
+    """As :func:`oracle_per_step_grads`, one example at a time with plain autograd (for models, such as HF ones,
+    whose forward is not vmap-able: data-dependent checks on the attention mask). phi: (B, T, P)."""
+    untied = untie(model, loop_names, n_steps)
+    untied.eval()
+    stand_ins = [untied.get_submodule(n) for n in loop_names]
+    params = dict(untied.named_parameters())
+    keys = [k for k, v in batch.items() if torch.is_tensor(v)]
+    B = batch[keys[0]].shape[0]
+    names = []
+    for t in range(n_steps):
+        for name in param_names:
+            loop_name = next(n for n in loop_names if name.startswith(n + "."))
+            names.append(f"{loop_name}.copies.{t}.{name[len(loop_name) + 1:]}")
+    rows = []
+    for b in range(B):
+        for s in stand_ins:
+            s.calls = 0
+        one = {k: (v[b : b + 1] if k in keys else v) for k, v in batch.items()}
+        loss = loss_fn(untied, one)[0]
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(params[n]) if g is None else g).reshape(-1)
+                               for n, g in zip(names, grads)]))
+    return torch.stack(rows).view(B, n_steps, -1)
