@@ -225,9 +225,9 @@ def _reusable(root: Path, k: int, i: int, manifest: dict, dtype: str, digest: st
     A damaged or missing record file is restored from the manifest's copy when the chunk's data files are intact.
     """
     record, problem = read_record(root, k, i)
-    chunks = manifest.get("chunks")
+    chunks, restored = manifest.get("chunks"), None
     if record is None and chunks:  # the manifest's copy vouches for the chunk
-        record, problem = chunks[k][i], None
+        record, problem, restored = chunks[k][i], None, problem
     if record is not None and record.get("header_sha256") != made_under:  # never reuse another store's chunk
         record, problem = None, f"{record_path(root, k, i).name} was made for another model, sketch or data layout"
     problem = problem or chunk_problem(root, record, dtype)
@@ -239,6 +239,8 @@ def _reusable(root: Path, k: int, i: int, manifest: dict, dtype: str, digest: st
     if problem is None:
         on_disk, _ = read_record(root, k, i)
         if on_disk != record:  # known only from the manifest: restore the record
+            if record_path(root, k, i).is_file():
+                warnings.warn(f"store {root}: checkpoint {k} chunk {i}: {restored}; restored from the manifest")
             write_json(record_path(root, k, i), record)
         stats.reused += 1
         return True

@@ -31,10 +31,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(tmp, "xb") as raw:
+            f = _Recording(raw)
+            try:
+                write(f)
+            except Exception:
+                if f.error is not None:  # e.g. torch.save turns a failed write (disk full) into a RuntimeError
+                    raise f.error from None
+                raise
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -45,6 +51,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
         raise
     _fsync_dir(path.parent)
     return path
+
+
+class _Recording:
+    """A file that remembers the OSError of a failed write (writers such as torch.save re-raise it as another type)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> None:
