@@ -100,7 +100,9 @@ def kill_at(name: str, point: str, nth: int = 1) -> None:
                 die()
         return real(path, write)
 
-    sdi.files.atomic_write = patched
+    for module in list(sys.modules.values()):  # sdi.files and every module that imported its atomic_write
+        if getattr(module, "__name__", "").startswith("sdi") and getattr(module, "atomic_write", None) is real:
+            module.atomic_write = patched
 
 
 def failing_open(err: int, after_bytes: int = 0, name: str = r".*", real_open=open) -> Callable:
