@@ -14,6 +14,7 @@ This module is argparse and printing only; the run-directory format and the step
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from typing import Sequence
 
 from . import runs
 from .runs import DEFAULT_TASK_ARGS, TASKS, load_run
+from .influence import MAX_SKETCH_DIM
 from .sketch import DEFAULT_SKETCH_DIM
 from .storage import STORAGE_DTYPES, StoreError
 from .store import FeatureStore
@@ -32,6 +34,63 @@ DEMO_SKETCH_DIM = 4096  # the demo model has ~12.7k loop parameters: a narrower 
 
 class CLIError(Exception):
     """A user-facing failure: printed as one line, exit code 1."""
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an int in ``[low, high]`` (argparse names the flag in its error, exit code 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}" + (f" and <= {high}" if high else "")
+                                             + f", got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+positive = _int_at_least(1)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+OS_ERRORS = {  # errno -> (what happened, what to do)
+    errno.ENOSPC: ("no space left on the device", "free some space"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space"),
+    errno.EROFS: ("read-only file system", "choose a writable location (--out / --store)"),
+    errno.EFBIG: ("file too large for the file system or `ulimit -f`", "raise the limit or use a smaller "
+                  "--chunk-size"),
+    errno.EACCES: ("permission denied", "choose a location you may write to"),
+    errno.EPERM: ("operation not permitted", "choose a location you may write to"),
+}
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an operating-system failure: what, which file, and the remedy (nothing written is lost)."""
+    if e.errno not in OS_ERRORS:
+        return str(e) if e.errno is None else f"{e.strerror or e}: {e.filename or '(no file name)'}"
+    what, remedy = OS_ERRORS[e.errno]
+    return f"{what} writing {e.filename or '(no file name)'}; {remedy}, then rerun the same command to resume"
 
 
 def _parse_task_args(items: Sequence[str]) -> dict:
@@ -141,34 +200,34 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="generator argument, repeatable, e.g. --task-arg n_bits=8 (defaults: "
                         + "; ".join(f"{t}: {a}" for t, a in DEFAULT_TASK_ARGS.items()) + ")")
-    g.add_argument("--n-train", type=int, default=512, help="training examples (default 512)")
-    g.add_argument("--n-query", type=int, default=16, help="query (test) examples (default 16)")
-    g.add_argument("--flip-fraction", type=float, default=0.0, help="fraction of training labels to corrupt")
+    g.add_argument("--n-train", type=positive, default=512, help="training examples (default 512)")
+    g.add_argument("--n-query", type=positive, default=16, help="query (test) examples (default 16)")
+    g.add_argument("--flip-fraction", type=_fraction, default=0.0, help="fraction of training labels to corrupt")
     g.add_argument("--data-seed", type=int, default=0, help="seed of the training set; queries use seed + 1")
     g = p.add_argument_group("model")
-    g.add_argument("--d-model", type=int, default=32)
-    g.add_argument("--n-heads", type=int, default=4)
-    g.add_argument("--n-loops", type=int, default=4, help="tau: loop iterations in training (default 4)")
-    g.add_argument("--layers-per-loop", type=int, default=1)
+    g.add_argument("--d-model", type=positive, default=32)
+    g.add_argument("--n-heads", type=positive, default=4)
+    g.add_argument("--n-loops", type=positive, default=4, help="tau: loop iterations in training (default 4)")
+    g.add_argument("--layers-per-loop", type=positive, default=1)
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=500)
-    g.add_argument("--batch-size", type=int, default=64)
-    g.add_argument("--lr", type=float, default=3e-3)
-    g.add_argument("--warmup", type=int, default=50, help="warm-up steps")
-    g.add_argument("--checkpoints", type=int, default=3, help="checkpoints for TracIn (default 3)")
+    g.add_argument("--steps", type=positive, default=500)
+    g.add_argument("--batch-size", type=positive, default=64)
+    g.add_argument("--lr", type=_positive_float, default=3e-3)
+    g.add_argument("--warmup", type=_int_at_least(0), default=50, help="warm-up steps")
+    g.add_argument("--checkpoints", type=positive, default=3, help="checkpoints for TracIn (default 3)")
     g.add_argument("--seed", type=int, default=0, help="model initialisation and batch order")
 
 
 def _featurize_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-size",
                        sketch_dim: int = DEFAULT_SKETCH_DIM) -> None:
     g = p.add_argument_group("features")
-    g.add_argument("--sketch-dim", type=int, default=sketch_dim,
+    g.add_argument("--sketch-dim", type=_int_at_least(2, MAX_SKETCH_DIM), default=sketch_dim,
                    help=f"TensorSketch width m per example and step (default {sketch_dim})")
     g.add_argument("--exact", action="store_true",
                    help="store exact per-example gradients (P floats per example and step) instead of sketches")
     g.add_argument("--sketch-seed", type=int, default=0, help="seed of the sketch")
-    g.add_argument("--chunk-size", type=int, default=256, help="examples per chunk file (default 256)")
-    g.add_argument(batch_flag, type=int, default=64, dest="batch_size" if batch_flag == "--batch-size"
+    g.add_argument("--chunk-size", type=positive, default=256, help="examples per chunk file (default 256)")
+    g.add_argument(batch_flag, type=positive, default=64, dest="batch_size" if batch_flag == "--batch-size"
                    else "batch_size_features", help="examples per forward/backward pass (default 64)")
     g.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32",
                    help="storage precision (default float32)")
@@ -176,9 +235,9 @@ def _featurize_options(p: argparse.ArgumentParser, batch_flag: str = "--batch-si
 
 def _influence_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("influence")
-    g.add_argument("--query-loops", type=int, default=None,
+    g.add_argument("--query-loops", type=positive, default=None,
                    help="run the queries with this many iterations (test-time compute; default: as trained)")
-    g.add_argument("--max-elements", type=int, default=2 * 10**8,
+    g.add_argument("--max-elements", type=positive, default=2 * 10**8,
                    help="largest full result (floats) before falling back to streaming top-k")
 
 
@@ -216,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--store", default=None, help="store directory (default RUN/store)")
     p.add_argument("--out", default=None, help="result file (default RUN/influence.npz)")
-    p.add_argument("--top-k", type=int, default=None, help="write only the top-k per (query, step) (streaming)")
-    p.add_argument("--batch-size", type=int, default=64, help="queries per forward/backward pass")
+    p.add_argument("--top-k", type=positive, default=None, help="write only the top-k per (query, step) (streaming)")
+    p.add_argument("--batch-size", type=positive, default=64, help="queries per forward/backward pass")
     _influence_options(p)
     p.set_defaults(func=influence_command)
 
@@ -232,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a self-contained HTML explorer (no network) for a full result .npz.")
     p.add_argument("result", help="result .npz from `sdi influence`")
     p.add_argument("--out", default=None, help="HTML file (default: next to the result)")
-    p.add_argument("--k", type=int, default=10, help="training examples per ranking (default 10)")
+    p.add_argument("--k", type=positive, default=10, help="training examples per ranking (default 10)")
     p.set_defaults(func=explore_command)
 
     p = sub.add_parser("demo", parents=[common, device], help="train + featurize + influence + explore on parity",
@@ -250,8 +309,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (CLIError, StoreError, FileNotFoundError, NotImplementedError, ValueError) as e:
+    except KeyboardInterrupt:
+        print(f"sdi {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 1
+    except (CLIError, StoreError, NotImplementedError, ValueError) as e:
         print(f"sdi {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # FileNotFoundError of a missing input included
+        print(f"sdi {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -20,11 +20,14 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .checkpoints import CheckpointSpec, CheckpointWalk, resolve_checkpoints
-from .features import StepFeatures
+from .files import WriteLock
 from .fingerprints import data_digest, model_fingerprint
+from .influence import as_batches
+from .manifest import (LOCK, MANIFEST, chunk_problem, chunk_rows, foreign_entries, header_digest, init_store, read_manifest,
+                       read_record, record_path, remove_temporaries, store_header, write_chunk)
 from .progress import progress_bar
-from .store import (FeatureStore, StoreMismatchError, chunk_problem, chunk_rows, finalize_store, init_store,
-                    load_record, read_json, record_path, store_header, write_chunk, write_json, MANIFEST)
+from .storage import StoreError, StoreMismatchError, write_json
+from .store import FeatureStore, QueryFeatures, finalize_store
 
 
 @dataclass
@@ -156,16 +159,46 @@ def featurize(
     header = store_header(model_fingerprint(attr.model), [r.identity() for r in refs], attr.fingerprint(), source.n,
                           chunk_size, dtype, source.batch_size)
     root = Path(path)
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store path {root} exists and is not a directory")
+    if rank == 0 and foreign_entries(root) and not (root / MANIFEST).is_file():
+        init_store(root, header, meta)  # refuses the user's folder before the lock file is written into it
     if rank == 0:
-        init_store(root, header, meta)
-    _barrier()
-    if rank != 0:
-        init_store(root, header, meta)  # checks the manifest rank 0 wrote (or found) against this rank's view
-    manifest = read_json(root / MANIFEST)
+        root.mkdir(parents=True, exist_ok=True)
+    # rank 0 holds the lock for the whole group; the other ranks are its helpers
+    with WriteLock(root / LOCK, f"the feature store {root}") if rank == 0 else _no_lock():
+        if rank == 0:
+            remove_temporaries(root)  # a killed writer's leftovers: nobody else writes while we hold the lock
+            init_store(root, header, meta)
+        _barrier()
+        if rank != 0:
+            init_store(root, header, meta)  # checks the manifest rank 0 wrote (or found) against this rank's view
+        stats = _compute(root, attr, source, refs, header, dtype, loss_fn, progress, rank, world)
+        _barrier()
+        if rank == 0:
+            finalize_store(root)
+        _barrier()
+    store = FeatureStore.open(root)
+    store.stats = stats
+    return store
+
+
+class _no_lock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _compute(root: Path, attr: Any, source: ChunkSource, refs: list, header: dict, dtype: str,
+             loss_fn: Callable | None, progress: bool, rank: int, world: int) -> FeaturizeStats:
+    """Compute this rank's missing or damaged chunks at every checkpoint."""
+    manifest = read_manifest(root)
     mine = list(range(rank, source.n_chunks, world))
     digests = {i: data_digest(source.batches(i)) for i in mine}
-    stats = FeaturizeStats()
-    todo = {k: [i for i in mine if not _reusable(root, k, i, manifest, dtype, digests[i], source, stats)]
+    stats, made_under = FeaturizeStats(), header_digest(header)
+    todo = {k: [i for i in mine if not _reusable(root, k, i, manifest, dtype, digests[i], made_under, source, stats)]
             for k in range(len(refs))}
     device = next(attr.model.parameters()).device
     bar = progress_bar(None, progress and rank == 0, total=sum(map(len, todo.values())), unit="chunk",
@@ -177,55 +210,83 @@ def featurize(
                     batches = [to_device(b, device) for b in source.batches(i)]
                     parts = list(attr.stream_features(batches, loss_fn, progress=False))  # one bar per chunk
                     write_chunk(root, k, i, source.rows(i), torch.cat([f for f, _ in parts]),
-                                torch.cat([l for _, l in parts]), dtype, digests[i])
+                                torch.cat([l for _, l in parts]), dtype, digests[i], made_under)
                     stats.computed += 1
                     bar.update()
     finally:
         bar.close()
-    _barrier()
-    if rank == 0:
-        finalize_store(root)
-    _barrier()
-    store = FeatureStore.open(root)
-    store.stats = stats
-    return store
+    return stats
 
 
-def _reusable(root: Path, k: int, i: int, manifest: dict, dtype: str, digest: str, source: ChunkSource,
-              stats: FeaturizeStats) -> bool:
-    """Whether chunk ``i`` of checkpoint ``k`` is on disk, intact and of this data (then it is counted reused)."""
-    record = load_record(root, k, i, manifest)
-    problem = chunk_problem(root, record, dtype)
+def _reusable(root: Path, k: int, i: int, manifest: dict, dtype: str, digest: str, made_under: str,
+              source: ChunkSource, stats: FeaturizeStats) -> bool:
+    """Whether chunk ``i`` of checkpoint ``k`` is on disk, intact and of this data (then it is counted reused).
+
+    A damaged or missing record file is restored from the manifest's copy when the chunk's data files are intact.
+    """
+    record, problem = read_record(root, k, i)
+    chunks, restored = manifest.get("chunks"), None
+    if record is None and chunks:  # the manifest's copy vouches for the chunk
+        record, problem, restored = chunks[k][i], None, problem
+    if record is not None and record.get("header_sha256") != made_under:  # never reuse another store's chunk
+        record, problem = None, f"{record_path(root, k, i).name} was made for another model, sketch or data layout"
+    problem = problem or chunk_problem(root, record, dtype)
     if problem is None and record["data_sha256"] != digest:
         start, stop = source.rows(i)
         raise StoreMismatchError(
             f"the feature store {root} does not match what is in use now: training data differs in chunk {i} "
             f"(rows {start}:{stop}). Use the training set the store was made with, or a new store.")
     if problem is None:
-        if not record_path(root, k, i).is_file():  # known only from the manifest: restore the record
+        on_disk, _ = read_record(root, k, i)
+        if on_disk != record:  # known only from the manifest: restore the record
+            if record_path(root, k, i).is_file():
+                warnings.warn(f"store {root}: checkpoint {k} chunk {i}: {restored}; restored from the manifest")
             write_json(record_path(root, k, i), record)
         stats.reused += 1
         return True
-    if record is not None:
+    if record is not None or record_path(root, k, i).is_file():
         warnings.warn(f"store {root}: checkpoint {k} chunk {i}: {problem}; recomputing it")
         stats.repaired.append(f"checkpoint {k} chunk {i}: {problem}")
     return False
 
 
-def query_features(attr: Any, checkpoints: Sequence[CheckpointSpec], query_batches: Sequence[Any],
-                   query_loss_fn: Callable | None = None, store: FeatureStore | None = None) -> list[StepFeatures]:
-    """Query features at every checkpoint, in memory: a list of K :class:`~sdi.StepFeatures` (Q, T_query, D).
+def check_training_data(store: FeatureStore, data: Any) -> None:
+    """Raise :class:`~sdi.store.StoreMismatchError` unless ``data`` holds the examples the store was made from.
 
-    With ``store`` the model, checkpoints and featurizer are first checked against its manifest. The model's
-    weights are restored afterwards.
+    ``data`` is cut into the store's chunks and batches exactly as :func:`featurize` cut it, and each chunk's
+    digest is compared with the one in its record: a changed seed, order or label is caught, chunk by chunk.
     """
+    source = ChunkSource(data, store.chunk_size, store.manifest.get("batch_size"))
+    if source.n != store.n:
+        raise StoreMismatchError(f"the feature store {store.root} holds {store.n} training examples, the training "
+                                 f"data given has {source.n}; use the training set it was made with")
+    for i in range(store.n_chunks):
+        if data_digest(source.batches(i)) != store.manifest["chunks"][0][i]["data_sha256"]:
+            start, stop = source.rows(i)
+            raise StoreMismatchError(
+                f"the feature store {store.root} was made from other training examples: the data differs in chunk "
+                f"{i} (rows {start}:{stop}); use the training set the store was made with (its run.json), or "
+                "featurize this one into a new store")
+
+
+def query_features(attr: Any, checkpoints: Sequence[CheckpointSpec], query_batches: Sequence[Any],
+                   query_loss_fn: Callable | None = None, store: FeatureStore | None = None) -> QueryFeatures:
+    """Query features at every checkpoint, in memory: a :class:`~sdi.store.QueryFeatures`, K
+    :class:`~sdi.StepFeatures` (Q, T_query, D) bound to the identities of the checkpoints they were made at.
+
+    A store's :meth:`~sdi.store.FeatureStore.top_k` and :meth:`~sdi.store.FeatureStore.influence` refuse them
+    unless those are its checkpoints. With ``store`` the model, checkpoints and featurizer are checked against its
+    manifest before anything is computed. The model's weights are restored afterwards.
+    """
+    if query_loss_fn is not None and not callable(query_loss_fn):
+        raise TypeError(f"query_loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got "
+                        f"{type(query_loss_fn).__name__}")
     refs = resolve_checkpoints(checkpoints, digests=store is not None)
     if store is not None:
         store.check(attr=attr, checkpoint_refs=refs)
     device = next(attr.model.parameters()).device
-    batches = [to_device(b, device) for b in query_batches]
-    if not batches:
-        raise ValueError("query_batches is empty: pass at least one batch")
+    batches = [to_device(b, device) for b in as_batches(query_batches, "query_batches")]
     with CheckpointWalk(attr.model, refs) as walk:
-        return [attr.features(batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{len(refs)})")
-                for k, _ in walk]
+        feats = [attr.features(batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{len(refs)})")
+                 for k, _ in walk]
+    return QueryFeatures(feats, [r.identity() for r in refs])

@@ -28,6 +28,7 @@ from .sketch import DEFAULT_SKETCH_DIM
 
 #: A sketched in-memory run warns when the predicted relative error of its top scores exceeds this.
 PREDICTED_ERROR_WARNING = 0.1
+MAX_SKETCH_DIM = 2**24  # m floats per (example, step): 64 MiB each at this width; wider is a typo, not a plan
 
 
 def as_batches(batches: Any, name: str) -> list:
@@ -74,8 +75,16 @@ class StepInfluence:
                  groups: GroupSpec = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(loop, nn.Module) and not (isinstance(loop, (list, tuple)) and
+                                                     all(isinstance(m, nn.Module) for m in loop)):
+            raise TypeError(f"loop must be the nn.Module the model calls once per iteration (e.g. model.block) or a "
+                            f"list of them, got {loop!r:.80}")
         if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> (B,) losses")
+            raise TypeError(f"loss_fn must be callable as loss_fn(model, batch) -> (B,) losses, got {loss_fn!r:.80}")
+        if sketch_dim is not None and (isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int)
+                                       or not 2 <= sketch_dim <= MAX_SKETCH_DIM):
+            raise ValueError(f"sketch_dim must be an int in [2, 2**24 = {MAX_SKETCH_DIM}] (or None for exact "
+                             f"features), got {sketch_dim!r}")
         self.model = model
         self.loop_modules = normalize_loop(model, loop)
         self.loss_fn = loss_fn
@@ -182,6 +191,11 @@ class StepInfluence:
         """
         train_batches = as_batches(train_batches, "train_batches")
         query_batches = as_batches(query_batches, "query_batches")
+        if query_loss_fn is not None and not callable(query_loss_fn):
+            raise TypeError(f"query_loss_fn must be callable as loss_fn(model, batch) -> (B,) losses (or None for "
+                            f"loss_fn), got {query_loss_fn!r:.80}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
         if store is not None:
             from .featurize import featurize, query_features  # the store path's own modules, loaded when used
 

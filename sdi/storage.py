@@ -1,7 +1,9 @@
 """The store's bytes on disk: storage dtypes, ``.npy`` chunk files, JSON records, CRC-32 checksums, error types.
 
 Every file is written through :func:`sdi.files.atomic_write` (complete or absent, never torn) via a stream that
-checksums the bytes as they are written, so a record can vouch for its chunk without reading it back.
+checksums the bytes as they are written, so a record can vouch for its chunk without reading it back. JSON files
+(the manifest, chunk records) are *sealed*: they carry the CRC-32 of their own content under ``"crc32"``, so a
+flipped bit in a record or the manifest is detected (:func:`seal_problem`) instead of trusted.
 """
 
 from __future__ import annotations
@@ -71,9 +73,46 @@ def write_json(path: Path, obj: Any) -> int:
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError: a flipped high bit
         raise StoreError(f"cannot read {path}: {e}") from None
+
+
+SEAL = "crc32"
+
+
+def _content_crc(obj: dict) -> int:
+    body = {k: v for k, v in obj.items() if k != SEAL}
+    return zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def seal(obj: dict) -> dict:
+    """``obj`` (as it reads back from JSON) with the CRC-32 of its content under ``"crc32"``."""
+    obj = json.loads(json.dumps(obj))
+    return {**obj, SEAL: _content_crc(obj)}
+
+
+def seal_problem(obj: Any) -> str | None:
+    """Why a JSON value read back is not an intact sealed object (None when it is)."""
+    if not isinstance(obj, dict):
+        return f"not a JSON object (found {type(obj).__name__})"
+    if not isinstance(obj.get(SEAL), int):
+        return "its checksum is missing"
+    if obj[SEAL] != _content_crc(obj):
+        return "its content does not match its checksum (damaged or edited)"
+    return None
+
+
+def read_sealed(path: Path) -> tuple[dict | None, str | None]:
+    """``(object, None)`` for an intact sealed JSON file, ``(None, why)`` for a damaged one (missing: FileNotFoundError)."""
+    try:
+        obj = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        return None, f"{path.name} is not valid JSON ({type(e).__name__})"
+    problem = seal_problem(obj)
+    return (obj, None) if problem is None else (None, f"{path.name}: {problem}")
 
 
 def file_crc32(path: Path, block: int = 1 << 24) -> int:
@@ -115,6 +154,20 @@ def npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
     return shape, dtype, f.tell()
 
 
+def safe_npy_header(f: Any) -> tuple[tuple[int, ...], np.dtype, int]:
+    """:func:`npy_header`, but any failure of numpy's header parser (a flipped bit in the header can make it raise
+    ``SyntaxError``, ``tokenize.TokenError``, ...) becomes a :class:`StoreError`."""
+    try:
+        shape, dtype, offset = npy_header(f)
+        if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise ValueError(f"bad shape {shape!r}")
+        return shape, dtype, offset
+    except StoreError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the parser raises, the file is damaged
+        raise StoreError(f"unreadable .npy header ({type(e).__name__})") from None
+
+
 def npy_from_bytes(raw: bytes) -> np.ndarray:
-    shape, dtype, offset = npy_header(io.BytesIO(raw))
+    shape, dtype, offset = safe_npy_header(io.BytesIO(raw))
     return np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)

@@ -3,9 +3,10 @@
 Train features ``phi_t(w_k; z)`` are computed once and reused for every query. A store is a directory::
 
     manifest.json                         what made the features (see below) and every chunk's checksums
+    .lock                                 held (fcntl) by the one process writing the store
     ckpt_000/features_000000.npy          (rows, T, D) chunk 0 of checkpoint 0, in the storage dtype
     ckpt_000/losses_000000.npy            (rows,) float32 per-example train losses
-    ckpt_000/chunk_000000.json            the chunk's commit record: rows, shape, CRC-32s, data digest
+    ckpt_000/chunk_000000.json            the chunk's commit record: rows, shape, CRC-32s, data and header digests
     ...
 
 Why one ``.npy`` per chunk (and not one preallocated memmap per checkpoint): a chunk file is written to a
@@ -18,30 +19,33 @@ The manifest holds the format version, the model fingerprint (parameter names, s
 checkpoint's identity (file name, step, ``eta`` and a SHA-256 of its weights), the featurizer fingerprint
 (exact or sketch: seed, width, parameter layout), ``N``, ``T``, the feature shape, the storage dtype, the chunk
 size and, once complete, the CRC-32 of every chunk file. Opening a store for a model, checkpoint list or
-featurizer that differs from the manifest raises :class:`StoreMismatchError` naming what differs. A chunk whose
-bytes do not match its checksum is never used: resuming recomputes it, reading raises :class:`CorruptChunkError`,
-:meth:`FeatureStore.verify` lists it.
+featurizer that differs from the manifest raises :class:`StoreMismatchError` naming what differs. Every file is
+checksummed — the manifest and each record seal their own content (:func:`sdi.storage.seal`) — and a file whose
+bytes do not match is never used: resuming recomputes it (or rebuilds the manifest from the intact records),
+reading raises :class:`CorruptChunkError`, :meth:`FeatureStore.verify` names it.
 
 Storage dtypes: ``float32`` (default), ``float16``, ``bfloat16`` (NumPy has no bfloat16: stored as the raw
 ``uint16`` bit patterns). Products are always computed in float32.
 
-This module is the store itself: its layout, the manifest, chunk files and the reader. Writing one is
+This module is the reader; :mod:`sdi.manifest` names, writes and checks the files. Writing a store is
 :func:`sdi.featurize.featurize` (resumable; under ``torchrun`` every rank writes the chunks ``i`` with
 ``i % world_size == rank``); the one-call route is ``StepInfluence.influence(..., store=path)``::
 
     store = sdi.featurize.featurize("store/", attr, train_batches, checkpoints, chunk_size=1024)
-    queries = sdi.featurize.query_features(attr, checkpoints, query_batches, store=store)  # K x (Q, T_q, D)
+    queries = sdi.featurize.query_features(attr, checkpoints, query_batches)  # K x (Q, T_q, D) + checkpoint ids
     best = store.top_k(queries, k=10)          # streaming top-k per (query, step), proponents and opponents
     res = store.influence(queries)             # full InfluenceResult when N is small enough
 
-Scores come from :func:`sdi.scoring.score_block`, the same function the in-memory path uses.
+Query features are a :class:`QueryFeatures`: they carry the identity of the checkpoints they were made at, and the
+store refuses them if those are not its own. Scores come from :func:`sdi.scoring.score_block`, the same function
+the in-memory path uses.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,176 +55,16 @@ import torch
 
 from .checkpoints import CheckpointRef, resolve_checkpoints
 from .features import StepFeatures
-from .fingerprints import as_json, check_fingerprints, describe_differences, fingerprint_differences, model_fingerprint
+from .fingerprints import check_fingerprints, model_fingerprint
+from .manifest import (FORMAT, MANIFEST, VERSION, checkpoint_differences, chunk_problem, chunk_rows,  # noqa: F401
+                       collect_records, features_path, header_differences, init_store, load_record, losses_path,
+                       raise_if_different, read_manifest, read_record, record_path, remove_temporaries,
+                       store_header, write_chunk)
 from .progress import progress_bar
 from .results import InfluenceResult, StreamTopK, TopKStream
 from .scoring import QueryBlock, ScoreCollector, score_block, sum_checkpoints
-from .storage import (STORAGE_DTYPES, TORCH_STORAGE, CorruptChunkError, StoreError, StoreMismatchError, file_crc32,
-                      npy_from_bytes, npy_header, read_json, to_storage, write_json, write_npy)
-
-FORMAT = "sdi-feature-store"
-VERSION = 1
-MANIFEST = "manifest.json"
-# ------------------------------------------------------------------------------------------ manifest
-
-def store_header(model_fp: dict, checkpoints: Sequence[dict], featurizer_fp: dict, n: int, chunk_size: int,
-                 dtype: str, batch_size: int | None = None) -> dict[str, Any]:
-    """The part of the manifest fixed before any feature is computed (what resuming must agree with).
-
-    ``batch_size`` is recorded because float results depend (in the last bits) on how examples are batched:
-    keeping it fixed is what makes a resumed or sharded store bit-identical to an uninterrupted one.
-    """
-    if dtype not in STORAGE_DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype!r}")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"the training set must hold at least one example, got N={n!r}")
-    return {
-        "format": FORMAT, "version": VERSION, "model": dict(model_fp), "checkpoints": [dict(c) for c in checkpoints],
-        "featurizer": featurizer_fp, "n": n, "chunk_size": chunk_size, "n_chunks": -(-n // chunk_size),
-        "dtype": dtype, "batch_size": batch_size,
-    }
-
-
-def header_differences(found: dict, expected: dict) -> list[str]:
-    """Human-readable list of what differs between a store's manifest and what is in use now."""
-    found, expected = as_json(found), as_json(expected)
-    if found.get("format") != FORMAT:
-        return [f"format: this is not a feature store (format {found.get('format')!r})"]
-    if found.get("version") != expected["version"]:
-        return [f"format version: store {found.get('version')}, this code {expected['version']}"]
-    out = []
-    if found["model"] != expected["model"]:
-        out.append(f"model: the parameter names/shapes differ (store {found['model']}, model {expected['model']})")
-    if found["featurizer"] != expected["featurizer"]:
-        a, b = found["featurizer"], expected["featurizer"]
-        keys = fingerprint_differences(a, b)
-        out.append(f"featurizer/sketch: differs in {keys} (store, now: {describe_differences(a, b, keys)})")
-    out += _checkpoint_differences(found["checkpoints"], expected["checkpoints"])
-    for key, what in (("n", "number of training examples N"), ("chunk_size", "chunk_size"), ("dtype", "dtype"),
-                      ("batch_size", "batch_size")):
-        if key in expected and found.get(key) != expected[key]:
-            out.append(f"{what}: store {found.get(key)!r}, now {expected[key]!r}")
-    return out
-
-
-def _checkpoint_differences(found: list[dict], expected: list[dict]) -> list[str]:
-    if len(found) != len(expected):
-        return [f"checkpoints: the store has {len(found)} ({[c['name'] for c in found]}), "
-                f"{len(expected)} given ({[c['name'] for c in expected]})"]
-    out = []
-    for k, (a, b) in enumerate(zip(found, expected)):
-        if a["sha256"] != b["sha256"]:
-            out.append(f"checkpoint {k} ({b['name']}): its weights differ from those the store was made with "
-                       f"({a['name']}, sha256 {a['sha256'][:12]} vs {b['sha256'][:12]})")
-        elif a["eta"] != b["eta"]:
-            out.append(f"checkpoint {k} ({b['name']}): eta differs (store {a['eta']}, now {b['eta']})")
-    return out
-
-
-def _raise_if_different(path: Path, found: dict, expected: dict) -> None:
-    diffs = header_differences(found, expected)
-    if diffs:
-        raise StoreMismatchError(f"the feature store {path} does not match what is in use now: " + "; ".join(diffs)
-                                 + ". Use the model, checkpoints and featurizer it was made with, or a new store "
-                                 "directory.")
-
-
-# ------------------------------------------------------------------------------------------ layout
-
-def _ckpt_dir(root: Path, k: int) -> Path:
-    return root / f"ckpt_{k:03d}"
-
-
-def features_path(root: Path, k: int, i: int) -> Path:
-    return _ckpt_dir(root, k) / f"features_{i:06d}.npy"
-
-
-def losses_path(root: Path, k: int, i: int) -> Path:
-    return _ckpt_dir(root, k) / f"losses_{i:06d}.npy"
-
-
-def record_path(root: Path, k: int, i: int) -> Path:
-    return _ckpt_dir(root, k) / f"chunk_{i:06d}.json"
-
-
-def chunk_rows(n: int, chunk_size: int, i: int) -> tuple[int, int]:
-    return i * chunk_size, min(n, (i + 1) * chunk_size)
-
-
-def init_store(path: str | os.PathLike, header: dict, meta: dict | None = None) -> Path:
-    """Create the store directory and its (incomplete) manifest, or check an existing one against ``header``."""
-    root = Path(path)
-    if root.exists() and not root.is_dir():
-        raise StoreError(f"store path {root} exists and is not a directory")
-    manifest = root / MANIFEST
-    if manifest.exists():
-        _raise_if_different(root, read_json(manifest), header)
-        return root
-    if root.exists() and any(root.iterdir()):
-        raise StoreError(f"{root} is a non-empty directory without {MANIFEST}; choose an empty or new store directory")
-    root.mkdir(parents=True, exist_ok=True)
-    for k in range(len(header["checkpoints"])):
-        _ckpt_dir(root, k).mkdir(exist_ok=True)
-    write_json(manifest, {**header, "meta": meta or {}, "complete": False, "n_steps": None, "feature_shape": None,
-                           "chunks": None})
-    return root
-
-
-def write_chunk(root: Path, k: int, i: int, rows: tuple[int, int], features: torch.Tensor, losses: torch.Tensor,
-                dtype: str, data_sha256: str) -> dict:
-    """Write chunk ``i`` of checkpoint ``k``: features ``(rows, T, *feature_shape)``, losses ``(rows,)``; then its
-    record."""
-    start, stop = rows
-    if features.shape[0] != stop - start or losses.shape != (stop - start,):
-        raise ValueError(f"chunk {i} covers rows {start}:{stop} but got features {tuple(features.shape)} and "
-                         f"losses {tuple(losses.shape)}")
-    record = {
-        "checkpoint": k, "chunk": i, "rows": [start, stop], "shape": list(features.shape),
-        "features_crc32": write_npy(features_path(root, k, i), to_storage(features, dtype)),
-        "losses_crc32": write_npy(losses_path(root, k, i), losses.detach().to("cpu", torch.float32).numpy()),
-        "data_sha256": data_sha256,
-    }
-    write_json(record_path(root, k, i), record)  # last: the commit marker
-    return record
-
-
-def chunk_problem(root: Path, record: dict | None, dtype: str) -> str | None:
-    """Why chunk files cannot be used (missing, truncated, checksum mismatch), or None when they are intact."""
-    if record is None:
-        return "no record (never completed)"
-    k, i = record["checkpoint"], record["chunk"]
-    fpath, lpath = features_path(root, k, i), losses_path(root, k, i)
-    for p in (fpath, lpath):
-        if not p.is_file():
-            return f"{p.name} is missing"
-    try:
-        with open(fpath, "rb") as f:
-            shape, np_dtype, offset = npy_header(f)
-    except (ValueError, OSError, StoreError) as e:
-        return f"{fpath.name} has an unreadable header ({e})"
-    if list(shape) != record["shape"] or np_dtype != STORAGE_DTYPES[dtype]:
-        return f"{fpath.name} holds {np_dtype} {shape}, its record says {dtype} {record['shape']}"
-    size, expected = fpath.stat().st_size, offset + int(np.prod(shape)) * np_dtype.itemsize
-    if size != expected:
-        return f"{fpath.name} has {size} bytes, expected {expected} (truncated?)"
-    if file_crc32(fpath) != record["features_crc32"]:
-        return f"{fpath.name} does not match its CRC-32 (corrupted)"
-    if file_crc32(lpath) != record["losses_crc32"]:
-        return f"{lpath.name} does not match its CRC-32 (corrupted)"
-    return None
-
-
-def load_record(root: Path, k: int, i: int, manifest: dict) -> dict | None:
-    path = record_path(root, k, i)
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None  # a torn record cannot exist (atomic writes), but a hand-edited one can
-    chunks = manifest.get("chunks")
-    return chunks[k][i] if chunks else None
+from .storage import (STORAGE_DTYPES, TORCH_STORAGE, CorruptChunkError, StoreError,  # noqa: F401
+                      StoreMismatchError, npy_from_bytes, safe_npy_header, seal, write_json)
 
 
 def finalize_store(path: str | os.PathLike) -> "FeatureStore":
@@ -229,29 +73,33 @@ def finalize_store(path: str | os.PathLike) -> "FeatureStore":
     Raises :class:`StoreError` if a chunk is missing; removes leftover temporary files of killed writers.
     """
     root = Path(path)
-    manifest = read_json(root / MANIFEST)
-    K, n_chunks = len(manifest["checkpoints"]), manifest["n_chunks"]
-    chunks, missing = [], []
-    for k in range(K):
-        row = []
-        for i in range(n_chunks):
-            rec = load_record(root, k, i, manifest)
-            if rec is None:
-                missing.append((k, i))
-            row.append(rec)
-        chunks.append(row)
-    if missing:
-        raise StoreError(f"store {root} is incomplete: {len(missing)} chunk(s) missing, first (checkpoint, chunk) "
-                         f"{missing[:5]}; run the featurization again to resume it")
+    manifest = read_manifest(root)
+    chunks = collect_records(root, manifest)
     shapes = {tuple(r["shape"][1:]) for row in chunks for r in row}
     if len(shapes) != 1:
         raise StoreError(f"store {root}: chunks disagree on (T, *feature_shape): {sorted(shapes)}")
     (shape,) = shapes
-    for tmp in root.glob("ckpt_*/.*.tmp"):
-        tmp.unlink(missing_ok=True)
+    remove_temporaries(root)
     manifest.update(complete=True, n_steps=shape[0], feature_shape=list(shape[1:]), chunks=chunks)
+    manifest = seal(manifest)
     write_json(root / MANIFEST, manifest)
     return FeatureStore(root, manifest)
+
+
+class QueryFeatures(list):
+    """The query features at every checkpoint of a store, bound to those checkpoints' identities.
+
+    A list of K :class:`~sdi.StepFeatures` (Q, T_query, D), one per checkpoint, plus ``checkpoints``: the
+    identity (name, step, eta, sha256 of the weights) of the checkpoint each was made at. Made by
+    :func:`sdi.featurize.query_features`; :meth:`FeatureStore.top_k` / :meth:`FeatureStore.influence` refuse
+    query features made at other checkpoints than the store's.
+    """
+
+    def __init__(self, features: Sequence[StepFeatures], checkpoints: Sequence[dict]) -> None:
+        super().__init__(features)
+        if len(checkpoints) != len(self):
+            raise ValueError(f"{len(self)} query feature sets but {len(checkpoints)} checkpoint identities")
+        self.checkpoints = [dict(c) for c in checkpoints]
 
 
 # ------------------------------------------------------------------------------------------ reader
@@ -272,9 +120,7 @@ class FeatureStore:
     def open(cls, path: str | os.PathLike, attr: Any = None, checkpoints: Sequence[Any] | None = None) -> "FeatureStore":
         """Open a complete store; with ``attr`` / ``checkpoints`` check that they are what the store was made with."""
         root = Path(path)
-        if not (root / MANIFEST).is_file():
-            raise FileNotFoundError(f"no feature store at {root} ({MANIFEST} not found)")
-        manifest = read_json(root / MANIFEST)
+        manifest = read_manifest(root)
         if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
             raise StoreError(f"{root / MANIFEST} is not a version-{VERSION} {FORMAT} manifest")
         if not manifest.get("complete"):
@@ -293,7 +139,7 @@ class FeatureStore:
             expected["model"], expected["featurizer"] = model_fingerprint(attr.model), attr.fingerprint()
         if checkpoint_refs is not None:
             expected["checkpoints"] = [r.identity() for r in checkpoint_refs]
-        _raise_if_different(self.root, found, expected)
+        raise_if_different(self.root, found, expected)
 
     # -- shape --------------------------------------------------------------------------------------
     n = property(lambda self: self.manifest["n"], doc="N: training examples")
@@ -335,7 +181,7 @@ class FeatureStore:
         rec = self.manifest["chunks"][k][i]
         path = features_path(self.root, k, i)
         raw = self._read_checked(path, rec["features_crc32"])
-        shape, np_dtype, offset = npy_header(io.BytesIO(raw[: min(len(raw), 1 << 16)]))
+        shape, np_dtype, offset = safe_npy_header(io.BytesIO(raw[: min(len(raw), 1 << 16)]))
         if list(shape) != rec["shape"] or np_dtype != STORAGE_DTYPES[self.dtype]:
             raise CorruptChunkError(f"{path} holds {np_dtype} {shape}, its record says {self.dtype} {rec['shape']}")
         x = torch.frombuffer(raw, dtype=TORCH_STORAGE[self.dtype], count=int(np.prod(shape)), offset=offset)
@@ -367,11 +213,16 @@ class FeatureStore:
         return view
 
     def verify(self, progress: bool = False) -> list[str]:
-        """Check every chunk file against its record; returns the problems found (empty when intact)."""
+        """Check every chunk's files and record against their checksums; returns the problems found (empty when
+        intact). The manifest's own checksum was checked when the store was opened."""
         problems = []
         pairs = [(k, i) for k in range(self.n_checkpoints) for i in range(self.n_chunks)]
         for k, i in progress_bar(pairs, progress, desc="verify"):
-            p = chunk_problem(self.root, self.manifest["chunks"][k][i], self.dtype)
+            rec = self.manifest["chunks"][k][i]
+            on_disk, p = read_record(self.root, k, i)
+            if p is None and on_disk != rec:
+                p = f"{record_path(self.root, k, i).name} differs from the manifest's copy"
+            p = p or chunk_problem(self.root, rec, self.dtype)
             if p is not None:
                 problems.append(f"checkpoint {k} chunk {i}: {p}")
         return problems
@@ -382,6 +233,15 @@ class FeatureStore:
         if isinstance(queries, StepFeatures) or len(queries) != self.n_checkpoints:
             raise ValueError(f"queries must be a list of {self.n_checkpoints} StepFeatures, one per checkpoint of the "
                              "store (see sdi.featurize.query_features)")
+        if isinstance(queries, QueryFeatures):
+            diffs = checkpoint_differences(self.manifest["checkpoints"], queries.checkpoints, eta=False)
+            if diffs:
+                raise StoreMismatchError(f"the query features were made at other checkpoints than the store {self.root}"
+                                         f": {'; '.join(diffs)}. Compute them with sdi.featurize.query_features(attr, "
+                                         "checkpoints, batches, store=store) at the store's checkpoints")
+        else:
+            warnings.warn("the query features carry no checkpoint identity, so nothing checks that they were made at "
+                          "the store's checkpoints; compute them with sdi.featurize.query_features(..., store=store)")
         shapes = {(len(q), q.n_steps) for q in queries}
         if len(shapes) != 1:
             raise ValueError(f"the query features of different checkpoints disagree on (Q, T_query): {sorted(shapes)}")
