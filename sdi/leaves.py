@@ -88,7 +88,7 @@ class LeafKind:
         for attr, slot in slots:
             g = grads[attr].float()                                             # (B, *shape)
             spec = sketcher.spec(slot, g.device)
-            rows = target.rows(step, sketcher.group_of[id(slot.param)])
+            rows = sketcher.rows(target, step, slot)
             if isinstance(spec, TensorSketch):
                 spec.add_into(rows, g, sketcher.max_chunk_elements)
             else:
@@ -154,14 +154,17 @@ class LinearLeaf(LeafKind):
         a, delta = self.factors(rec, call)
         for attr, slot in slots:
             spec = sketcher.spec(slot, delta.device)
-            group = sketcher.group_of[id(slot.param)]
+            rows = sketcher.rows(target, step, slot)                          # (B, m_i): this tensor's block
             if attr == "bias":
-                spec.add_into(target.rows(step, group), delta.sum(1))
+                spec.add_into(rows, delta.sum(1))
             elif sketcher.use_outer(spec, a.shape[1]):
-                tensor_sketch_outer(target.rows(step, group), delta, a, spec, sketcher.flat_hash(slot, spec, a.device),
+                tensor_sketch_outer(rows, delta, a, spec, sketcher.flat_hash(slot, spec, a.device),
                                     sketcher.max_chunk_elements)
             else:
-                tensor_sketch_fft(target.freq_rows(step, group), delta, a, spec, sketcher.max_chunk_elements)
+                m = spec.sketch_dim
+                spectrum = torch.zeros(a.shape[0], m // 2 + 1, dtype=torch.complex64, device=a.device)
+                tensor_sketch_fft(spectrum, delta, a, spec, sketcher.max_chunk_elements)
+                rows += torch.fft.irfft(spectrum, n=m)
 
 
 NORM_TYPES: tuple[type, ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -194,7 +197,7 @@ class NormLeaf(LeafKind):
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
         for attr, g in self.per_example(cap, rec, call, [a for a, _ in slots]).items():
             slot = dict(slots)[attr]
-            sketcher.spec(slot, g.device).add_into(target.rows(step, sketcher.group_of[id(slot.param)]), g)
+            sketcher.spec(slot, g.device).add_into(sketcher.rows(target, step, slot), g)
 
 
 @register_leaf_kind(nn.Embedding)
@@ -229,7 +232,7 @@ class EmbeddingLeaf(LeafKind):
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
         ids, delta = self.factors(rec, call)
         for _, slot in slots:
-            rows = target.rows(step, sketcher.group_of[id(slot.param)])
+            rows = sketcher.rows(target, step, slot)
             embedding_sketch(rows, ids, delta, sketcher.spec(slot, delta.device), sketcher.max_chunk_elements)
 
 
