@@ -129,7 +129,7 @@ def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopw
     import sdi
     import sdi.influence as influence_module
 
-    if not hasattr(sdi, "StepInfluence"):
+    if not hasattr(sdi, "StepInfluence") or Path(sdi.__file__).resolve().parent != bm.REPO / "sdi":
         raise ImportError(f"'sdi' resolved to {sdi.__file__}, which is not this repository's package")
     watch = Stopwatch(influence_module.batch_features, device)
     influence_module.batch_features = watch
@@ -285,10 +285,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     query_data = make_data(args.task, args.n_query, seed=2, seq_len=args.seq_len)
     model_config = sdi.LoopedGPTConfig(vocab_size=train_data.tokenizer.vocab_size, block_size=train_data.seq_len,
                                        d_model=args.d_model, n_heads=args.n_heads, n_loops=args.tau).to_dict()
-    model = bm.build_model(model_config)
+    model = bm.build_model(model_config).to(args.device)        # train where the methods run (the GPU script)
     config = sdi.TrainConfig(steps=args.train_steps, batch_size=64, lr=3e-3, warmup_steps=max(1, args.train_steps // 5),
                              n_checkpoints=args.k, seed=0)
-    trained = sdi.train.train(model, train_data, config, checkpoint_dir=workdir / "checkpoints", progress=False)
+    trained = sdi.train.train(model, train_data.to(args.device), config, checkpoint_dir=workdir / "checkpoints",
+                              progress=False)
     tensors = {"train_tokens": train_data.tokens, "train_targets": train_data.targets,
                "query_tokens": query_data.tokens, "query_targets": query_data.targets}
     torch.save(tensors, workdir / "data.pt")
@@ -321,6 +322,8 @@ def run_worker(args, workdir: Path, method: str, m: int | None) -> dict:
     tag = method if m is None else f"{method}_{m}"
     python = args.ref_python if method in REF else sys.executable
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the reference must not see our `sdi`
+    if method not in REF:  # ours: this checkout's `sdi`, not whatever an installed copy points at
+        env["PYTHONPATH"] = str(bm.REPO)
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [python, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(workdir), "--tag", tag]
     if m is not None:

@@ -32,9 +32,10 @@ def small_gpt(vocab: int = 3, block: int = 16, layers: int = 1, n_loops: int = 3
     cfg = sdi.LoopedGPTConfig(vocab_size=vocab, block_size=block, d_model=d, n_heads=2, n_loops=n_loops,
                               n_layers_per_loop=layers)
     model = sdi.LoopedGPT(cfg, seed=seed)
+    gen = torch.Generator().manual_seed(seed)  # seeded: the same call gives the same model (CPU and CUDA tests)
     with torch.no_grad():  # leave the symmetric init so every parameter has a real gradient
         for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
     return model
 
 
@@ -133,6 +134,30 @@ def test_kernels_equal_count_sketch_of_oracle_per_step_gradients(case, kernel):
     assert rel_err(ours, reference) < ROUNDING
     for t in range(3):  # every step on its own, not just the bulk
         assert rel_err(ours[:, t], reference[:, t]) < ROUNDING
+
+
+def features_on(device: str, case, kernel: str) -> tuple[torch.Tensor, dict]:
+    """Sketched features (moved to the CPU) and the fingerprint of one test model, computed on ``device``."""
+    model, loop, _, lf, batch = case()
+    model = model.to(device)                                   # in place: ``loop`` still names its modules
+    attr = sdi.StepInfluence(model, loop=loop, loss_fn=lf, sketch_dim=97, seed=1, progress=False)
+    attr.featurizer.linear_kernel = kernel
+    feats = attr.features([{k: v.to(device) for k, v in batch.items()}]).features
+    assert feats.device.type == torch.device(device).type
+    return feats.cpu(), attr.fingerprint()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: compares every kernel on the GPU "
+                    "with the same kernel on the CPU")
+@pytest.mark.parametrize("case", [_user_model_case, _two_layer_gpt_case], ids=["user-model", "gpt-2-layers"])
+@pytest.mark.parametrize("kernel", ["fft", "outer"])
+def test_every_kernel_gives_the_same_features_on_cuda(case, kernel):
+    """Linear (FFT and direct kernels), LayerNorm, RMSNorm, Embedding and the generic path, on CUDA and on the CPU:
+    the same features up to float rounding, and the same fingerprint (the hashes are moved, never redrawn)."""
+    on_cpu, fp_cpu = features_on("cpu", case, kernel)
+    on_gpu, fp_gpu = features_on("cuda", case, kernel)
+    check_fingerprints(fp_cpu, fp_gpu)
+    assert rel_err(on_gpu, on_cpu) < 1e-4
 
 
 class TiedBody(torch.nn.Module):
