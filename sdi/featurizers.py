@@ -268,8 +268,8 @@ class SketchFeaturizer(Featurizer):
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
+        # the block layout is a pure function of (params, sketch_dim, groups) and the hash version names it
         fp.update(seed=self.seed, sketch_dim=self.sketch_dim, hash=HASH_VERSION,
-                  blocks=[list(self.blocks[id(s.param)]) for s in self.slots],
                   groups=None if self.slot_groups is None else
                   [[s.name, g] for s, g in zip(self.slots, self.slot_groups)])
         return fp
