@@ -180,8 +180,8 @@ class BatchTarget:
 class SketchFeaturizer(Featurizer):
     """Sketched per-(example, step) gradients: features (B, T, m), or (B, T, G, m) with ``groups``.
 
-    Each group's ``m`` buckets are split into one block per matrix parameter, sized by
-    :func:`sdi.sketch.block_sizes`; vector parameters use all ``m`` (``blocks[id(param)] = (group, start, size)``).
+    Each group's ``m`` buckets are split into equal blocks, one per matrix parameter
+    (:func:`sdi.sketch.block_sizes`); vector parameters use all ``m`` (``blocks[id(param)] = (group, start, size)``).
 
     Arguments::
 
@@ -227,7 +227,7 @@ class SketchFeaturizer(Featurizer):
             members = [s for s in slots if self.group_of[id(s.param)] == g]
             matrices = [s for s in members if len(s.shape) == 2]
             start = 0
-            for s, size in zip(matrices, block_sizes([s.numel for s in matrices], sketch_dim)):
+            for s, size in zip(matrices, block_sizes(len(matrices), sketch_dim)):
                 self.blocks[id(s.param)] = (g, start, size)
                 start += size
             for s in members:
