@@ -5,9 +5,15 @@ A *view* is the sum over checkpoints (view 0, ``result.sdi``) or one checkpoint'
 ``"proponents"`` (largest positive SDI_t first) or ``"opponents"`` (most negative first). Steps are 0-based
 indices on the result's last axis; the explorer shows them as iterations ``t = step + 1``.
 
-The top-k of every (view, query, step, sign) is precomputed here with ``torch.topk`` over all of them at
-once; the previous-iteration ranks (rank movement) take one sort per (view, query), done when that query is
-first shown. A slider move only looks things up.
+The top-k of every (view, query, step, sign) is precomputed here with one stable sort over all of them at
+once (ties go to the lower training index, as in :meth:`sdi.InfluenceResult.top_k`); the previous-iteration
+ranks (rank movement) take one sort per (view, query), done when that query is first shown. A slider move only
+looks things up.
+
+Ranks are competition ranks: examples with equal scores share a rank (1 + the number strictly stronger), so
+tied examples never show a movement between them. Copies of one training example (the same text and label,
+hence the same gradients and scores) are shown once, as one row with a copy count: the rankings are over
+distinct examples, represented by their first copy.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from sdi.results import InfluenceResult
+from sdi.results import InfluenceResult, stable_top_k
 
 SIGNS = ("proponents", "opponents")
 
@@ -31,20 +37,21 @@ class Ranking:
 
     Fields::
 
-        indices:    (k,) training-example indices
+        indices:    (k,) training-example indices (ties in index order)
         scores:     (k,) their SDI_t
-        prev_ranks: (k,) 1-based rank among all N at the previous iteration (same sign); 0 at the first iteration
+        ranks:      (k,) 1-based competition rank now: 1 + the number of examples strictly stronger (ties share it)
+        prev_ranks: (k,) the same rank at the previous iteration (same sign); 0 at the first iteration
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
+    ranks: torch.Tensor
     prev_ranks: torch.Tensor
 
     @property
     def movement(self) -> torch.Tensor:
         """(k,) places gained since the previous iteration (positive = moved up); 0 at the first iteration."""
-        ranks = torch.arange(1, len(self.indices) + 1)
-        return torch.where(self.prev_ranks > 0, self.prev_ranks - ranks, torch.zeros_like(ranks))
+        return torch.where(self.prev_ranks > 0, self.prev_ranks - self.ranks, torch.zeros_like(self.ranks))
 
 
 def load_result(result: InfluenceResult | str | os.PathLike) -> InfluenceResult:
@@ -65,7 +72,7 @@ class ExplorerData:
         result:        an InfluenceResult (sdi (N, Q, T)) or the path of a saved one
         train_texts:   N readable training examples (e.g. prompts, or data.texts())
         query_texts:   Q readable queries
-        k:             how many examples each ranking holds, 1 <= k <= N
+        k:             how many examples each ranking holds, 1 <= k <= N (at most the number of distinct ones)
         train_labels:  optional N answers shown next to the training texts
         flipped:       optional indices of training examples whose label was corrupted (they get a marker)
         query_answers: optional (Q, T) nested list: the model's answer to each query after each iteration
@@ -94,7 +101,6 @@ class ExplorerData:
             raise TypeError(f"k must be an int in [1, N_train={N}], got {type(k).__name__} {k!r}")
         if not 1 <= k <= N:
             raise ValueError(f"k must be an int in [1, N_train={N}], got {k!r}")
-        self.k = k
         self.train_labels = (None if train_labels is None
                              else _check_strings("train_labels", train_labels, N, "N_train"))
         self.flipped = _check_flipped(flipped, N)
@@ -105,9 +111,14 @@ class ExplorerData:
         self.n_views = len(views)
         self._views = views          # each (N, Q, T)
         self._tracin = tracins       # each (N, Q)
-        top = [_top_k(v, k) for v in views]
-        self._top_idx = torch.stack([t[0] for t in top])    # (V, 2, Q, T, k)
-        self._top_val = torch.stack([t[1] for t in top])    # (V, 2, Q, T, k)
+        # copies[i]: how many training examples example i stands for (0 for a later copy, which is never shown)
+        self.copies = _copies(self.train_texts, self.train_labels, views)
+        self._shown = torch.nonzero(self.copies > 0).squeeze(1)  # (N_distinct,) the examples that can be ranked
+        self.k = min(k, len(self._shown))
+        top = [_top_k(v[self._shown], self.k) for v in views]
+        self._top_idx = torch.stack([self._shown[t[0]] for t in top])   # (V, 2, Q, T, k)
+        self._top_val = torch.stack([t[1] for t in top])                # (V, 2, Q, T, k)
+        self._ranks = _tie_ranks(self._top_val)                          # (V, 2, Q, T, k)
         self._prev_rank: dict[tuple[int, int], torch.Tensor] = {}  # (view, query) -> (2, T, k), on first use
 
     # -- look-ups ------------------------------------------------------------------------------------
@@ -115,7 +126,7 @@ class ExplorerData:
         """The precomputed top-k of ``query`` at 0-based ``step`` in ``view`` for ``sign``."""
         s = self.sign_index(sign)
         return Ranking(self._top_idx[view, s, query, step], self._top_val[view, s, query, step],
-                       self._previous(view, query)[s, step])
+                       self._ranks[view, s, query, step], self._previous(view, query)[s, step])
 
     def scores(self, view: int, query: int) -> torch.Tensor:
         """(N, T) SDI_t of every training example on ``query`` in ``view``."""
@@ -129,6 +140,10 @@ class ExplorerData:
         """(T, k) the top-k indices at every step."""
         return self._top_idx[view, self.sign_index(sign), query]
 
+    def ranks(self, view: int, query: int, sign: str) -> torch.Tensor:
+        """(T, k) competition ranks of the top-k at every step (tied scores share a rank)."""
+        return self._ranks[view, self.sign_index(sign), query]
+
     def prev_ranks(self, view: int, query: int, sign: str) -> torch.Tensor:
         """(T, k) previous-iteration ranks of the top-k at every step (row 0 is all zeros)."""
         return self._previous(view, query)[self.sign_index(sign)]
@@ -137,7 +152,8 @@ class ExplorerData:
         """(2, T, k) previous-iteration ranks of (view, query), computed on first use (one sort of (T, N))."""
         key = (view, query)
         if key not in self._prev_rank:
-            self._prev_rank[key] = _previous_ranks(self._views[view][:, query], self._top_idx[view, :, query])
+            self._prev_rank[key] = _previous_ranks(self._views[view][:, query], self._top_idx[view, :, query],
+                                                   self._shown)
         return self._prev_rank[key]
 
     def heat_rows(self, view: int, query: int, sign: str, max_rows: int = 24) -> list[int]:
@@ -148,6 +164,11 @@ class ExplorerData:
             if len(rows) == max_rows:
                 break
         return list(rows)
+
+    def train_text(self, i: int) -> str:
+        """Training example ``i``'s text, with its copy count when the data holds it more than once."""
+        n = int(self.copies[i])
+        return self.train_texts[i] if n <= 1 else f"{self.train_texts[i]} ×{n}"
 
     def is_right(self, query: int, step: int) -> bool | None:
         """Whether the model's answer after iteration ``step + 1`` is right; None when unknown."""
@@ -174,29 +195,70 @@ class ExplorerData:
 # ---------------------------------------------------------------------------------------- precompute
 
 def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``scores`` (N, Q, T) -> indices and values of the k strongest of each sign, each (2, Q, T, k)."""
+    """``scores`` (N, Q, T) -> indices and values of the k strongest of each sign, each (2, Q, T, k).
+
+    Ties go to the lower index (the library's :func:`sdi.results.stable_top_k`), so the table equals ``top_k``.
+    """
     S = scores.permute(1, 2, 0).contiguous()              # (Q, T, N): rank along the last axis
-    pro_val, pro_idx = torch.topk(S, k, dim=-1)
-    opp_val, opp_idx = torch.topk(-S, k, dim=-1)
+    pro_val, pro_idx = stable_top_k(S, k)
+    opp_val, opp_idx = stable_top_k(-S, k)
     return torch.stack([pro_idx, opp_idx]), torch.stack([pro_val, -opp_val])
 
 
-def _previous_ranks(scores: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+def _tie_ranks(top_val: torch.Tensor) -> torch.Tensor:
+    """``top_val`` (..., 2, Q, T, k), strongest first -> (same shape) 1 + the number strictly stronger.
+
+    Everything stronger than a top-k member is itself in the top-k, so counting within the k is exact.
+    """
+    pro, opp = top_val.unbind(-4)
+    ranks = [1 + (v.unsqueeze(-2) > v.unsqueeze(-1)).sum(-1) if s == 0 else
+             1 + (v.unsqueeze(-2) < v.unsqueeze(-1)).sum(-1) for s, v in enumerate((pro, opp))]
+    return torch.stack(ranks, dim=-4)
+
+
+def _copies(texts: list[str], labels: list[str] | None, views: list[torch.Tensor]) -> torch.Tensor:
+    """(N,) long: for the first copy of each distinct (text, label), the number of copies; 0 for later copies.
+
+    Copies of one example have the same gradients, hence the same scores (up to rounding); one whose scores
+    differ anyway (e.g. texts that do not identify the inputs) stays a row of its own.
+    """
+    N = len(texts)
+    counts = torch.ones(N, dtype=torch.long)
+    first: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(zip(texts, labels if labels is not None else [""] * N)):
+        first.setdefault(key, i)
+    later = [(i, f) for i, f in ((i, first[key]) for i, key in
+                                 enumerate(zip(texts, labels if labels is not None else [""] * N))) if f != i]
+    if not later:
+        return counts
+    rows, reps = torch.tensor([i for i, _ in later]), torch.tensor([f for _, f in later])
+    same = torch.ones(len(later), dtype=torch.bool)
+    for v in views:   # (N, Q, T): copies must agree everywhere, to float32 rounding of the largest score
+        tol = 1e-5 * float(v.abs().max()) + 1e-30
+        same &= (v[rows] - v[reps]).abs().flatten(1).amax(1) <= tol
+    counts.index_add_(0, reps[same], torch.ones(int(same.sum()), dtype=torch.long))
+    counts[rows[same]] = 0
+    return counts
+
+
+def _previous_ranks(scores: torch.Tensor, top_idx: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
     """``scores`` (N, T) of one query, ``top_idx`` (2, T, k) -> (2, T, k) ranks at the previous iteration.
 
-    The rank of an example is 1 + the number of examples strictly stronger (ties share a rank), found by
-    binary search in one sorted copy of the scores; row 0 (no previous iteration) is 0.
+    The rank of an example is 1 + the number of examples strictly stronger (ties share a rank), counted
+    among the ``shown`` (distinct) examples, found by binary search in one sorted copy of their scores;
+    row 0 (no previous iteration) is 0.
     """
-    N, T = scores.shape
+    T = scores.shape[1]
+    n = len(shown)
     prev = torch.zeros_like(top_idx)
     if T == 1:
         return prev
     before = scores.T[:-1].contiguous()                   # (T-1, N): iterations 1..T-1
-    ascending = torch.from_numpy(np.sort(before.numpy(), axis=-1))  # NumPy's sort is ~10x faster here
+    ascending = torch.from_numpy(np.sort(before[:, shown].numpy(), axis=-1))  # NumPy's sort is ~10x faster here
     for s, idx in enumerate(top_idx):
         values = before.gather(-1, idx[1:])               # the top-k of iteration t, one iteration earlier
         if s == 0:   # proponents: stronger = larger
-            stronger = N - torch.searchsorted(ascending, values, right=True)
+            stronger = n - torch.searchsorted(ascending, values, right=True)
         else:        # opponents: stronger = smaller
             stronger = torch.searchsorted(ascending, values, right=False)
         prev[s, 1:] = stronger + 1

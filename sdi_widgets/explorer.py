@@ -5,16 +5,23 @@
     display(explorer)            # or leave `explorer` as the last line of a cell
     explorer.save_html("explorer.html")   # the same explorer as one self-contained page
 
-Built from core ipywidgets only (7.7 to 8.x), so it runs in JupyterLab, Notebook 7, VS Code and Colab
-without enabling anything. It never computes gradients: every ranking is precomputed by
-:class:`~sdi_widgets.data.ExplorerData`, and a slider move only re-renders a k-row HTML table and one
-blitted matplotlib frame.
+Built from core ipywidgets only (7.7 to 8.x) and nothing that front ends disagree on: no ``jslink`` and no
+``Play`` widget (the play button is a ToggleButton whose loop runs in Python), no binary ``Image`` messages (the
+plot is SVG inside an ``HTML`` widget), no JavaScript. So it runs the same in JupyterLab, Notebook 6/7, VS Code
+and Colab (ipywidgets 7.7.1). It never computes gradients: every ranking is precomputed by
+:class:`~sdi_widgets.data.ExplorerData`, and a slider move only re-renders a k-row HTML table and one SVG.
+
+A kernel-less snapshot of the widget (a notebook saved with its widget state, as in the book) cannot follow
+its slider; in a Jupyter Book page it says so and greys out its controls (``.cell_output`` CSS), and the
+static export (:func:`~sdi_widgets.static.render_html`) is the interactive version without a kernel.
 """
 
 from __future__ import annotations
 
 import html
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -25,10 +32,8 @@ import torch
 from sdi.results import InfluenceResult
 
 from .data import ExplorerData, Ranking
-from .figure import DOWN, GREEN, RED, UP, StepFigure, diverging_colors, rank_colors
+from .figure import column_widths, diverging_colors, explorer_css, padded, rank_colors, trajectory_svg
 from .static import render_html, write_atomic
-
-MONO = "font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace"
 
 
 class InfluenceExplorer(widgets.VBox):
@@ -43,9 +48,10 @@ class InfluenceExplorer(widgets.VBox):
         train_labels, flipped, query_answers, query_truth: optional extras
 
     Controls (public, so notebooks and tests can drive them): ``filter`` (Text), ``query`` (Dropdown of
-    query indices), ``step`` (IntSlider over iterations ``t = 1..T``), ``play`` (Play), ``sign``
-    (ToggleButtons: "proponents"/"opponents") and ``checkpoint`` (Dropdown of views; hidden unless the
-    result kept more than one checkpoint). Outputs: ``answers``, ``table``, ``heatmap`` (HTML) and ``plot`` (Image).
+    query indices), ``step`` (IntSlider over iterations ``t = 1..T``), ``play`` (ToggleButton: while it is
+    down a Python thread advances ``step`` every ``interval`` seconds and releases it at the last iteration),
+    ``sign`` (ToggleButtons: "proponents"/"opponents") and ``checkpoint`` (Dropdown of views; hidden unless
+    the result kept more than one checkpoint). Outputs (HTML): ``answers``, ``table``, ``plot`` (SVG), ``heatmap``.
     """
 
     def __init__(
@@ -67,37 +73,48 @@ class InfluenceExplorer(widgets.VBox):
             raise ValueError(f"max_heat_rows must be a positive int, got {max_heat_rows!r}")
         self.data = data
         self.max_heat_rows = max_heat_rows
+        self.interval = 0.7  # seconds per iteration while playing
         T = data.n_steps
         self._labels = [data.query_label(q) for q in range(data.n_query)]
+        self._widths = column_widths(data)
         self.filter = widgets.Text(placeholder="filter prompts…", description="prompt",
                                    layout=widgets.Layout(width="220px"))
         self.query = widgets.Dropdown(options=self._query_options(""), value=0,
                                       layout=widgets.Layout(width="440px"))
         self.checkpoint = widgets.Dropdown(options=[(n, v) for v, n in enumerate(data.view_names)], value=0,
                                            description="weights", layout=widgets.Layout(width="260px"))
-        self.play = widgets.Play(value=1, min=1, max=T, interval=700, description="play")
+        self.play = widgets.ToggleButton(value=False, description="▶ play", tooltip="play through the iterations",
+                                         layout=widgets.Layout(width="90px"))
         self.step = widgets.IntSlider(value=1, min=1, max=T, description="iteration t", continuous_update=True,
                                       layout=widgets.Layout(width="420px"))
-        widgets.jslink((self.play, "value"), (self.step, "value"))
         self.sign = widgets.ToggleButtons(options=[("▲ proponents", "proponents"), ("▼ opponents", "opponents")],
                                           value="proponents", style={"button_width": "110px"})
         self.answers = widgets.HTML()
-        self.table = widgets.HTML()
-        self.plot = widgets.Image(format="png", layout=widgets.Layout(width="470px"))
-        self.heatmap = widgets.HTML(layout=widgets.Layout(width="470px"))
-        self._figure = StepFigure(k, T)
+        self.note = widgets.HTML()   # shown only in a kernel-less snapshot (CSS)
+        self.table = widgets.HTML(layout=widgets.Layout(width=f"{sum(self._widths) + 4}px"))
+        self.plot = widgets.HTML(layout=widgets.Layout(width="480px"))
+        self.heatmap = widgets.HTML(layout=widgets.Layout(width="480px"))
+        # one stylesheet for the whole explorer: a <style> element inside an HTML widget applies in every front end
+        style = widgets.HTML(f"<style>{explorer_css('.sdi-x', data.k)}</style>",
+                             layout=widgets.Layout(height="0px", margin="0px", overflow="hidden"))
 
         picker = widgets.HBox([self.filter, self.query] + ([self.checkpoint] if data.n_views > 1 else []))
         scrubber = widgets.HBox([self.play, self.step, self.sign])
+        for box in (picker, scrubber):
+            box.add_class("sdi-live")
         plots = widgets.VBox([self.plot, self.heatmap], layout=widgets.Layout(margin="0 0 0 14px"))
-        # wraps the plots under the table where the page is narrow (a book column, a split notebook)
+        # the table has a fixed width: the plots stay beside it (or below, where the page is narrow) while scrubbing
         body = widgets.HBox([self.table, plots], layout=widgets.Layout(align_items="flex-start", flex_flow="row wrap"))
-        super().__init__(children=[picker, self.answers, scrubber, body])
+        super().__init__(children=[picker, self.answers, scrubber, self.note, body, style])
+        self.add_class("sdi-x")
 
+        self._lock = threading.RLock()   # the play thread and the kernel's own events both render
+        self._player: threading.Thread | None = None
         self.filter.observe(self._on_filter, names="value")
         for control in (self.query, self.sign, self.checkpoint):
             control.observe(self._on_view, names="value")
         self.step.observe(self._on_step, names="value")
+        self.play.observe(self._on_play, names="value")
         self._render_query()
         self._render_step()
 
@@ -139,30 +156,57 @@ class InfluenceExplorer(widgets.VBox):
         finally:
             self.query.observe(self._on_view, names="value")
         if choice != current:
-            self._render_query()
-            self._render_step()
+            with self._lock:
+                self._render_query()
+                self._render_step()
 
     def _on_view(self, change) -> None:
         if change["new"] is None:
             return
-        self._render_query()
-        self._render_step()
+        with self._lock:
+            self._render_query()
+            self._render_step()
 
     def _on_step(self, change) -> None:
-        # jslink syncs the two in a browser; this keeps them equal when the slider is set from Python
-        if self.play.value != change["new"]:
-            self.play.value = change["new"]
-        self._render_step()
+        with self._lock:
+            self._render_step()
+
+    def _on_play(self, change) -> None:
+        self.play.description = "❚❚ pause" if change["new"] else "▶ play"
+        if not change["new"]:
+            return  # the thread sees it and stops
+        if self.step.value >= self.step.max:
+            self.step.value = self.step.min
+        if self._player is None or not self._player.is_alive():
+            self._player = threading.Thread(target=self._play_loop, name="sdi-explorer-play", daemon=True)
+            self._player.start()
+
+    def _play_loop(self) -> None:
+        """Advance one iteration every ``interval`` seconds while ``play`` is down; stop at the last one.
+
+        A Python thread rather than the front end's ``Play`` + ``jslink``: widget updates from a thread are
+        supported by every kernel front end (Colab's included), and the loop needs nothing from the browser.
+        """
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self.play.value:
+                    return
+                if self.step.value < self.step.max:
+                    self.step.value += 1
+                if self.step.value >= self.step.max:
+                    self.play.value = False
+                    return
 
     # -- rendering -----------------------------------------------------------------------------------
     def _render_query(self) -> None:
-        """Everything that depends on (view, query, sign) but not on the step: figure background, heat-map cells."""
+        """Everything that depends on (view, query, sign) but not on the step: axis ranges, heat-map cells."""
         view, query, _, sign = self.current
         union = torch.unique(self.data.top_indices(view, query, sign)).tolist()
         scores = self.data.scores(view, query).numpy()
         tracin = self.data.tracin(view, query).numpy()
-        self._figure.set_query(scores, tracin, union, sign, f"SDI$_t$ of the current top-{self.data.k}, query {query}",
-                               key=(view, query, sign))
+        self._ylim = padded(float(scores[union].min()), float(scores[union].max()), 0.06)
+        self._tlim = padded(float(tracin[union].min()), float(tracin[union].max()), 0.08)
         rows = self.data.heat_rows(view, query, sign, self.max_heat_rows)
         self._heat = HeatRows(rows, scores[rows], self.data)
 
@@ -172,87 +216,95 @@ class InfluenceExplorer(widgets.VBox):
         idx = ranking.indices
         scores = self.data.scores(view, query)
         tracin = self.data.tracin(view, query)
-        self.table.value = table_html(self.data, ranking, tracin[idx], sign, step)
+        k = len(idx)
+        self.table.value = table_html(self.data, ranking, tracin[idx], sign, step, self._widths)
         self.answers.value = answers_html(self.data, query, step)
+        self.note.value = ('<div class="sdi-snapshot muted">A snapshot of the live explorer at iteration '
+                           f't = {step + 1}: without a running Python kernel its controls cannot update it. Run '
+                           'the notebook to use it; the static explorer (<code>render_html</code>) works without '
+                           'a kernel.</div>')
         self.heatmap.value = self._heat.html(step, set(idx.tolist()), sign)
-        self.plot.value = self._figure.frame(step, scores[idx].numpy(), tracin[idx].numpy())
+        title = f'SDI<tspan baseline-shift="sub" font-size="7">t</tspan> of the current top-{k}, query {query}'
+        self.plot.value = trajectory_svg(scores[idx].numpy(), tracin[idx].numpy(), idx.tolist(),
+                                         [_short(self.data.train_text(i), 14) for i in idx.tolist()], step,
+                                         rank_colors(k, sign), self._ylim, self._tlim, title)
 
 
 # ---------------------------------------------------------------------------------------------- HTML
 
-def table_html(data: ExplorerData, ranking: Ranking, tracin: torch.Tensor, sign: str, step: int) -> str:
+def table_html(data: ExplorerData, ranking: Ranking, tracin: torch.Tensor, sign: str, step: int,
+               widths: Sequence[int] | None = None) -> str:
     """The top-k table: rank, movement, colour key, train index, text, label, SDI_t (with a bar), TracIn."""
-    colors = rank_colors(data.k, sign)
+    widths = widths or column_widths(data)
+    colors = rank_colors(len(ranking.indices), sign)
     scale = float(ranking.scores.abs().max()) or 1.0
-    bar_color = GREEN if sign == "proponents" else RED
-    head = "".join(f'<th style="text-align:{a};padding:2px 6px;border-bottom:1px solid #ccc">{h}</th>'
-                   for h, a in (("#", "right"), ("move", "left"), ("", "left"), ("train", "right"),
-                                ("prompt", "left"), ("answer", "left"), (f"SDI<sub>{step + 1}</sub>", "right"),
-                                ("TracIn", "right")))
+    bar = "var(--sdi-green)" if sign == "proponents" else "var(--sdi-red)"
+    names = (("#", "num"), ("move", ""), ("", ""), ("train", "num"), ("prompt", ""), ("answer", ""),
+             (f"SDI<sub>{step + 1}</sub>", "num"), ("TracIn", "num"))
+    cols = "".join(f'<col style="width:{w}px">' for w in widths)
+    head = "".join(f'<th class="{c}">{h}</th>' for h, c in names)
+    ranks = ranking.ranks.tolist()
     rows = []
-    for r, (i, score, prev, move, total) in enumerate(zip(ranking.indices.tolist(), ranking.scores.tolist(),
-                                                          ranking.prev_ranks.tolist(), ranking.movement.tolist(),
-                                                          tracin.tolist())):
-        label = data.train_labels[i] if data.train_labels is not None else ""
-        flag = (' <span title="label flipped (corrupted) on purpose" style="color:#b35806;font-weight:bold">'
-                '⚑ flipped</span>') if i in data.flipped else ""
-        width = 100 * abs(score) / scale
-        bar = (f'<div style="display:inline-block;width:48px;height:8px;background:#eee;vertical-align:middle;'
-               f'margin-right:4px"><div style="width:{width:.0f}%;height:8px;background:{bar_color}"></div></div>')
+    for r, (i, score, rank, prev, move, total) in enumerate(zip(
+            ranking.indices.tolist(), ranking.scores.tolist(), ranks, ranking.prev_ranks.tolist(),
+            ranking.movement.tolist(), tracin.tolist())):
+        label = html.escape(data.train_labels[i]) if data.train_labels is not None else ""
+        flag = (' <span class="flip" title="label flipped (corrupted) on purpose">⚑ flipped</span>'
+                if i in data.flipped else "")
+        tied = ' title="tied"' if ranks.count(rank) > 1 else ""
+        text = html.escape(data.train_texts[i])
+        n = int(data.copies[i])
+        copies = f' <span class="copies" title="{n} identical copies in the training data">×{n}</span>' if n > 1 else ""
         rows.append(
-            f'<tr data-train-index="{i}" data-rank="{r + 1}" data-prev-rank="{prev}">'
-            f'<td style="text-align:right;padding:1px 6px;color:#666">{r + 1}</td>'
-            f'<td style="padding:1px 6px">{movement_html(prev, move, data.k)}</td>'
-            f'<td><span style="display:inline-block;width:10px;height:10px;background:{colors[r]}"></span></td>'
-            f'<td style="text-align:right;padding:1px 6px;color:#666">{i}</td>'
-            f'<td style="padding:1px 6px;{MONO};white-space:pre">{html.escape(data.train_texts[i])}</td>'
-            f'<td style="padding:1px 6px;{MONO};font-weight:bold">{html.escape(label)}{flag}</td>'
-            f'<td style="text-align:right;padding:1px 6px;white-space:nowrap">{bar}{score:+.3g}</td>'
-            f'<td style="text-align:right;padding:1px 6px;color:#555">{total:+.3g}</td></tr>')
+            f'<tr class="sdi-r{r}" data-train-index="{i}" data-rank="{rank}" data-prev-rank="{prev}">'
+            f'<td class="num muted"{tied}>{rank}</td>'
+            f'<td>{movement_html(prev, move, data.k)}</td>'
+            f'<td><span class="swatch" style="background:{colors[r]}"></span></td>'
+            f'<td class="num muted">{i}</td>'
+            f'<td class="mono text" title="{text}">{text}{copies}</td>'
+            f'<td class="mono"><b>{label}</b>{flag}</td>'
+            f'<td class="num" data-role="score"><span class="sbar"><span style="width:{100 * abs(score) / scale:.0f}%;'
+            f'background:{bar}"></span></span>{score:+.3g}</td>'
+            f'<td class="num muted">{total:+.3g}</td></tr>')
     title = "proponents (push the query's loss down)" if sign == "proponents" else \
         "opponents (push the query's loss up)"
-    return (f'<div style="font-size:12px"><div style="margin:2px 0 4px 0;color:#333"><b>Top {data.k} {title}</b>'
-            f' at iteration t = {step + 1}</div><table style="border-collapse:collapse">'
-            f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
+    return (f'<div class="caption" data-role="caption"><b>Top {data.k} {title}</b> at iteration t = {step + 1}</div>'
+            f'<table class="sdi-top" style="width:{sum(widths)}px"><colgroup>{cols}</colgroup>'
+            f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>')
 
 
 def movement_html(prev: int, move: int, k: int) -> str:
     """Rank movement since the previous iteration: ▲n, ▼n, = or new (with the previous rank)."""
     if prev == 0:
-        return '<span style="color:#999">·</span>'
+        return '<span class="first">·</span>'
     if prev > k:
-        return f'<span style="color:{UP}" title="rank {prev} at the previous iteration">★ new <small>({prev})</small></span>'
+        return f'<span class="up" title="rank {prev} at the previous iteration">★ new <small>({prev})</small></span>'
     if move > 0:
-        return f'<span style="color:{UP}">▲{move}</span>'
+        return f'<span class="up">▲{move}</span>'
     if move < 0:
-        return f'<span style="color:{DOWN}">▼{-move}</span>'
-    return '<span style="color:#999">=</span>'
+        return f'<span class="down">▼{-move}</span>'
+    return '<span class="same">=</span>'
 
 
 def answers_html(data: ExplorerData, query: int, step: int) -> str:
     """The query, its right answer, and the model's answer after every iteration (current one outlined)."""
-    text = html.escape(data.query_texts[query])
-    parts = [f'<span style="{MONO};font-size:13px;font-weight:bold">{text}</span>']
+    parts = [f'<span class="query mono">{html.escape(data.query_texts[query])}</span>']
     if data.query_truth is not None:
-        parts.append(f'<span style="color:#555">right answer <b style="{MONO}">'
-                     f'{html.escape(data.query_truth[query])}</b></span>')
+        parts.append(f'<span class="muted">right answer <b class="mono">{html.escape(data.query_truth[query])}</b></span>')
     losses = data.result.query_losses
     if isinstance(losses, torch.Tensor) and losses.dim() == 2 and losses.shape[1] == data.n_query \
             and torch.isfinite(losses[-1, query]):
-        parts.append(f'<span style="color:#555">loss {float(losses[-1, query]):.3g}</span>')
+        parts.append(f'<span class="muted">loss {float(losses[-1, query]):.3g}</span>')
     cells = ""
     if data.query_answers is not None:
         for t in range(data.n_steps):
             right = data.is_right(query, t)
-            bg = {True: "#d9f0d3", False: "#f4cccc", None: "#eeeeee"}[right]
+            cls = {True: " right", False: " wrong", None: ""}[right] + (" current" if t == step else "")
             mark = {True: "✓", False: "✗", None: ""}[right]
-            border = "2px solid #222" if t == step else "1px solid #ccc"
-            cells += (f'<span data-step="{t + 1}" title="iteration {t + 1}" style="display:inline-block;'
-                      f'min-width:26px;text-align:center;margin:1px;padding:0 2px;background:{bg};border:{border};'
-                      f'{MONO};font-size:11px"><small style="color:#777">{t + 1}</small> '
-                      f'{html.escape(data.query_answers[query][t])}{mark}</span>')
-        cells = f'<div style="margin-top:2px"><span style="color:#555;font-size:11px">answer after each iteration: </span>{cells}</div>'
-    return f'<div style="font-size:12px;margin:4px 0">{" · ".join(parts)}{cells}</div>'
+            cells += (f'<span class="cell mono{cls}" data-step="{t + 1}" title="iteration {t + 1}">'
+                      f'<small>{t + 1}</small> {html.escape(data.query_answers[query][t])}{mark}</span>')
+        cells = f'<div class="steps"><span class="muted">answer after each iteration:</span>{cells}</div>'
+    return f'<div data-role="answers" style="margin:4px 0">{" · ".join(parts)}{cells}</div>'
 
 
 class HeatRows:
@@ -268,23 +320,21 @@ class HeatRows:
         colors = diverging_colors(values, vmax)
         self.cells = [[f'background:{c}" title="#{i} t={t + 1}: {v:+.3g}' for t, (c, v) in enumerate(zip(crow, vrow))]
                       for i, crow, vrow in zip(self.rows, colors, values.tolist())]
-        self.labels = [html.escape(_short(data.train_texts[i], 16)) for i in self.rows]
+        self.labels = [html.escape(_short(data.train_text(i), 16)) for i in self.rows]
         self.k, self.n_steps = data.k, data.n_steps
 
     def html(self, step: int, current: set[int], sign: str) -> str:
         width = max(8, min(24, 300 // self.n_steps))
-        head = "".join(f'<th style="font-weight:{"bold" if t == step else "normal"};color:#555;font-size:9px;'
+        head = "".join(f'<th class="muted" style="font-weight:{"bold" if t == step else "normal"};font-size:9px;'
                        f'width:{width}px">{t + 1}</th>' for t in range(self.n_steps))
-        now = "box-shadow:inset 2px 0 #111,inset -2px 0 #111;"
         body = []
         for i, label, cells in zip(self.rows, self.labels, self.cells):
             mark = "▸" if i in current else ""
-            tds = "".join(f'<td style="{now if t == step else ""}height:10px;padding:0;{c}"></td>'
-                          for t, c in enumerate(cells))
-            body.append(f'<tr data-train-index="{i}"><td style="{MONO};font-size:10px;text-align:right;'
+            tds = "".join(f'<td class="cell{" cur" if t == step else ""}" style="{c}"></td>' for t, c in enumerate(cells))
+            body.append(f'<tr data-train-index="{i}"><td class="mono" style="font-size:10px;text-align:right;'
                         f'padding:0 4px;white-space:pre;line-height:10px">{label}</td>'
                         f'<td style="width:8px;padding:0;font-size:10px;line-height:10px">{mark}</td>{tds}</tr>')
-        return (f'<div style="font-size:12px;margin-top:4px"><div style="color:#333">SDI<sub>t</sub> of the examples '
+        return (f'<div class="heat" style="margin-top:4px"><div class="caption">SDI<sub>t</sub> of the examples '
                 f'that reach the top-{self.k} ({sign}); ▸ = in the top-{self.k} now</div>'
                 f'<table style="border-collapse:collapse;margin-top:2px"><thead><tr><th></th><th></th>{head}</tr></thead>'
                 f'<tbody>{"".join(body)}</tbody></table></div>')

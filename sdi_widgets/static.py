@@ -29,7 +29,7 @@ from sdi.files import atomic_write
 from sdi.results import InfluenceResult
 
 from .data import SIGNS, ExplorerData
-from .figure import DOWN, GREEN, RED, UP, rank_colors
+from .figure import column_widths, explorer_css, rank_colors
 
 
 def write_html(
@@ -73,6 +73,7 @@ def page_data(data: ExplorerData, initial: dict | None = None) -> dict[str, Any]
                 "sdi": [[_round(x) for x in r] for r in scores.tolist()],
                 "tracin": [_round(x) for x in tracin.tolist()],
                 "top": {s: tops[s].tolist() for s in SIGNS},
+                "rank": {s: data.ranks(v, q, s).tolist() for s in SIGNS},
                 "prev": {s: data.prev_ranks(v, q, s).tolist() for s in SIGNS},
             })
         views.append(per_query)
@@ -80,14 +81,16 @@ def page_data(data: ExplorerData, initial: dict | None = None) -> dict[str, Any]
     losses = data.result.query_losses
     has_loss = isinstance(losses, torch.Tensor) and losses.dim() == 2 and losses.shape[1] == data.n_query
     return {
-        "version": 1,
+        "version": 2,
         "k": data.k, "T": data.n_steps, "N": data.n_train,
+        "widths": column_widths(data),
         "views": data.view_names,
         "colors": {s: rank_colors(data.k, s) for s in SIGNS},
         "train": {
             "index": train,
             "text": [data.train_texts[i] for i in train],
             "label": None if data.train_labels is None else [data.train_labels[i] for i in train],
+            "copies": [int(data.copies[i]) for i in train],
             "flipped": sorted(i for i in data.flipped if i in needed),
         },
         "queries": {
@@ -110,7 +113,7 @@ def render_html(data: ExplorerData, title: str = "Step-resolved influence explor
     payload = payload.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     root = "sdix-" + hashlib.sha1(payload.encode()).hexdigest()[:10]
     fragment = (
-        f"<style>{CSS.replace('ROOT', root)}</style>\n"
+        f"<style>{explorer_css('#' + root, data.k)}{CSS.replace('ROOT', root)}</style>\n"
         f'<div class="sdix" id="{root}"><noscript>This explorer needs JavaScript.</noscript></div>\n'
         f'<script type="application/json" id="{root}-data">{payload}</script>\n'
         f"<script>{JS.replace('ROOT_ID', root)}</script>\n"
@@ -119,7 +122,8 @@ def render_html(data: ExplorerData, title: str = "Step-resolved influence explor
         return fragment
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-            f"<title>{html.escape(title)}</title>\n</head>\n<body style=\"margin:12px;background:#fff\">\n"
+            f'<meta name="color-scheme" content="light dark">\n'
+            f"<title>{html.escape(title)}</title>\n</head>\n<body style=\"margin:12px\">\n"
             f"{fragment}</body>\n</html>\n")
 
 
@@ -129,51 +133,27 @@ def _round(x: float) -> float:
 
 
 CSS = r"""
-#ROOT { font: 13px/1.35 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif;
-  color: #222; max-width: 1080px; }
+#ROOT { max-width: 1120px; }
 #ROOT * { box-sizing: border-box; }
-#ROOT .mono, #ROOT select, #ROOT input[type=search] {
-  font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace; }
+#ROOT select, #ROOT input[type=search] { font-family: inherit; color: inherit; background: transparent;
+  padding: 3px 4px; border: 1px solid var(--sdi-line); border-radius: 4px; font-size: 12px; }
+#ROOT select { max-width: 520px; }
+#ROOT option { color: CanvasText; background: Canvas; }
+#ROOT input[type=search] { width: 170px; }
 #ROOT .bar { display: flex; flex-wrap: wrap; align-items: center; gap: 8px; margin: 4px 0; }
-#ROOT input[type=search] { width: 170px; padding: 3px 6px; border: 1px solid #bbb; border-radius: 4px; font-size: 12px; }
-#ROOT select { padding: 3px 4px; border: 1px solid #bbb; border-radius: 4px; font-size: 12px; max-width: 520px; }
-#ROOT .muted { color: #666; font-size: 12px; }
-#ROOT button { font: inherit; font-size: 12px; padding: 3px 10px; border: 1px solid #bbb; border-radius: 4px;
-  background: #f6f6f6; cursor: pointer; }
-#ROOT button:hover { background: #ececec; }
+#ROOT button { font: inherit; font-size: 12px; padding: 3px 10px; border: 1px solid var(--sdi-line);
+  border-radius: 4px; background: transparent; color: inherit; cursor: pointer; }
+#ROOT button:hover { background: var(--sdi-hover); }
 #ROOT .switch button { border-radius: 0; margin: 0 -1px 0 0; }
 #ROOT .switch button:first-child { border-radius: 4px 0 0 4px; }
 #ROOT .switch button:last-child { border-radius: 0 4px 4px 0; }
-#ROOT .switch button[aria-pressed=true][data-sign=proponents] { background: GREEN; color: #fff; border-color: GREEN; }
-#ROOT .switch button[aria-pressed=true][data-sign=opponents] { background: RED; color: #fff; border-color: RED; }
+#ROOT .switch button[aria-pressed=true][data-sign=proponents] { background: var(--sdi-green); color: #fff; border-color: var(--sdi-green); }
+#ROOT .switch button[aria-pressed=true][data-sign=opponents] { background: var(--sdi-red); color: #fff; border-color: var(--sdi-red); }
 #ROOT input[type=range] { width: 280px; vertical-align: middle; }
-#ROOT .query { font-weight: 600; font-size: 13px; }
-#ROOT .steps { margin-top: 3px; display: flex; flex-wrap: wrap; gap: 2px; align-items: center; }
-#ROOT .steps span.cell { display: inline-block; min-width: 28px; text-align: center; padding: 0 3px;
-  border: 1px solid #ccc; background: #eee; font-size: 11px; }
-#ROOT .steps span.cell.right { background: #d9f0d3; }
-#ROOT .steps span.cell.wrong { background: #f4cccc; }
-#ROOT .steps span.cell.current { border: 2px solid #222; }
-#ROOT .steps small { color: #777; }
 #ROOT .body { display: flex; flex-wrap: wrap; gap: 14px; align-items: flex-start; margin-top: 6px; }
-#ROOT .tablebox { flex: 0 1 auto; min-width: 0; overflow-x: auto; }
-#ROOT table { border-collapse: collapse; font-size: 12px; }
-#ROOT th { text-align: left; font-weight: 600; padding: 2px 6px; border-bottom: 1px solid #ccc; white-space: nowrap; }
-#ROOT td { padding: 1px 6px; white-space: nowrap; }
-#ROOT td.num, #ROOT th.num { text-align: right; }
-#ROOT td.text { white-space: pre; }
-#ROOT tr:hover td { background: #f5f5f5; }
-#ROOT .up { color: UP; } #ROOT .down { color: DOWN; } #ROOT .same, #ROOT .first { color: #999; }
-#ROOT .flip { color: #b35806; font-weight: 600; font-family: system-ui, sans-serif; }
-#ROOT .swatch { display: inline-block; width: 10px; height: 10px; }
-#ROOT .sbar { display: inline-block; width: 48px; height: 8px; background: #eee; margin-right: 4px; vertical-align: middle; }
-#ROOT .sbar > span { display: block; height: 8px; }
-#ROOT .plots { flex: 0 0 460px; }
-#ROOT svg { display: block; font-family: system-ui, sans-serif; }
-#ROOT svg text { font-size: 9px; fill: #333; }
-#ROOT svg text.mono { font-size: 8px; }
-#ROOT .caption { font-size: 12px; margin: 2px 0 4px 0; }
-""".replace("GREEN", GREEN).replace("RED", RED).replace("UP", UP).replace("DOWN", DOWN)
+#ROOT .tablebox { flex: 0 0 auto; }
+#ROOT .plots { flex: 0 0 480px; }
+"""
 
 JS = r"""
 (function () {
@@ -203,6 +183,7 @@ JS = r"""
   function sub(text) { return el("svg:tspan", { "baseline-shift": "sub", "font-size": "7px", text: text }); }
   function short(t, n) { return t.length <= n ? t : t.slice(0, n - 1) + "…"; }
   function trainText(i) { return D.train.text[trainPos.get(i)]; }
+  function trainCopies(i) { return D.train.copies[trainPos.get(i)]; }
   function trainLabel(i) { return D.train.label ? D.train.label[trainPos.get(i)] : ""; }
   function cur() { return D.data[S.view][S.query]; }
   function isRight(q, t) {
@@ -212,6 +193,7 @@ JS = r"""
 
   // ---- layout -------------------------------------------------------------------------------------
   root.textContent = "";
+  root.classList.add("sdi-x");
   const filter = el("input", { type: "search", placeholder: "filter prompts…", "data-role": "filter", "aria-label": "filter prompts" });
   const picker = el("select", { "data-role": "query", "aria-label": "test prompt" });
   const matches = el("span", { class: "muted", "data-role": "matches" });
@@ -227,15 +209,16 @@ JS = r"""
     text: s === "proponents" ? "▲ proponents" : "▼ opponents" }));
   const caption = el("div", { class: "caption", "data-role": "caption" });
   const table = el("div", { "data-role": "table" });
-  const traj = el("svg:svg", { "data-role": "trajectory", width: 460, height: 200, viewBox: "0 0 460 200" });
-  const heat = el("svg:svg", { "data-role": "heatmap", width: 460, height: 240, viewBox: "0 0 460 240" });
+  const traj = el("svg:svg", { "data-role": "trajectory", width: 480, height: 220, viewBox: "0 0 480 220" });
+  const heatCaption = el("div", { class: "caption", "data-role": "heat-caption" });
+  const heat = el("svg:svg", { "data-role": "heatmap", width: 480, height: 230, viewBox: "0 0 480 230" });
   root.append(
     el("div", { class: "bar" }, [filter, picker, matches, viewBox]),
     answers,
     el("div", { class: "bar" }, [play, el("label", { class: "muted" }, ["iteration t ", slider]), stepLabel,
                                  el("span", { class: "switch" }, signButtons)]),
     el("div", { class: "body" }, [el("div", { class: "tablebox" }, [caption, table]),
-                                  el("div", { class: "plots" }, [traj, heat])]));
+                                  el("div", { class: "plots" }, [traj, heatCaption, heat])]));
 
   // ---- prompt picker ------------------------------------------------------------------------------
   function fillPicker() {
@@ -281,11 +264,11 @@ JS = r"""
 
   function renderTable() {
     const v = cur(), t = S.step, sign = S.sign;
-    const top = v.top[sign][t], prev = v.prev[sign][t];
+    const top = v.top[sign][t], prev = v.prev[sign][t], rank = v.rank[sign][t];
     const rowOf = new Map(v.rows.map((i, r) => [i, r]));
     const scores = top.map(i => v.sdi[rowOf.get(i)][t]);
     const scale = Math.max(...scores.map(Math.abs)) || 1;
-    const color = sign === "proponents" ? "GREEN" : "RED";
+    const color = sign === "proponents" ? "var(--sdi-green)" : "var(--sdi-red)";
     caption.textContent = "";
     caption.append(el("b", { text: `Top ${D.k} ${sign}` }),
       ` (${sign === "proponents" ? "push the query's loss down" : "push the query's loss up"}) at iteration t = ${t + 1}`);
@@ -295,25 +278,26 @@ JS = r"""
     const body = top.map((i, r) => {
       const label = el("td", { class: "mono" }, [el("b", { text: trainLabel(i) })]);
       if (flipped.has(i)) label.append(" ", el("span", { class: "flip", title: "label flipped (corrupted) on purpose", text: "⚑ flipped" }));
-      return el("tr", { "data-train-index": i, "data-rank": r + 1, "data-prev-rank": prev[r] }, [
-        el("td", { class: "num muted", text: String(r + 1) }),
-        el("td", {}, [movement(prev[r], r + 1)]),
+      const n = trainCopies(i);
+      const text = el("td", { class: "mono text", title: trainText(i), text: trainText(i) });
+      if (n > 1) text.append(" ", el("span", { class: "copies", title: `${n} identical copies in the training data`, text: `×${n}` }));
+      const tied = rank.filter(x => x === rank[r]).length > 1;
+      return el("tr", { class: `sdi-r${r}`, "data-train-index": i, "data-rank": rank[r], "data-prev-rank": prev[r] }, [
+        el("td", { class: "num muted", title: tied ? "tied" : null, text: String(rank[r]) }),
+        el("td", {}, [movement(prev[r], rank[r])]),
         el("td", {}, [el("span", { class: "swatch", style: `background:${D.colors[sign][r]}` })]),
         el("td", { class: "num muted", text: String(i) }),
-        el("td", { class: "mono text", text: trainText(i) }),
+        text,
         label,
         el("td", { class: "num", "data-role": "score" }, [el("span", { class: "sbar" }, [el("span", { style:
           `width:${(100 * Math.abs(scores[r]) / scale).toFixed(0)}%;background:${color}` })]), fmt(scores[r])]),
         el("td", { class: "num muted", text: fmt(v.tracin[rowOf.get(i)]) }),
       ]);
     });
-    body.forEach(tr => {  // hovering a row thickens its trajectory
-      const line = () => traj.querySelector(`polyline[data-train-index="${tr.dataset.trainIndex}"]`);
-      tr.addEventListener("mouseenter", () => { const l = line(); if (l) l.setAttribute("stroke-width", 3.2); });
-      tr.addEventListener("mouseleave", () => { const l = line(); if (l) l.setAttribute("stroke-width", 1.6); });
-    });
+    const cols = el("colgroup", {}, D.widths.map(w => el("col", { style: `width:${w}px` })));
+    const width = D.widths.reduce((a, b) => a + b, 0);
     table.textContent = "";
-    table.appendChild(el("table", {}, [el("thead", {}, [head]), el("tbody", {}, body)]));
+    table.appendChild(el("table", { class: "sdi-top", style: `width:${width}px` }, [cols, el("thead", {}, [head]), el("tbody", {}, body)]));
   }
 
   function unionRows(sign) {  // examples that reach the top-k at some iteration, in order of first appearance
@@ -322,70 +306,80 @@ JS = r"""
     return [...seen];
   }
 
-  function renderTrajectory() {
+  function padded(lo, hi, frac) {
+    lo = Math.min(0, lo); hi = Math.max(0, hi);
+    const pad = frac * ((hi - lo) || 1);
+    return [lo - pad, hi + pad];
+  }
+
+  function renderTrajectory() {  // the same picture as the widget's figure.trajectory_svg
     const v = cur(), t = S.step, sign = S.sign;
     const rowOf = new Map(v.rows.map((i, r) => [i, r]));
     const union = unionRows(sign).map(i => rowOf.get(i));
-    let lo = 0, hi = 0;
-    for (const r of union) for (const x of v.sdi[r]) { lo = Math.min(lo, x); hi = Math.max(hi, x); }
-    const pad = 0.06 * ((hi - lo) || 1); lo -= pad; hi += pad;
-    let tlo = 0, thi = 0;
-    for (const r of union) { tlo = Math.min(tlo, v.tracin[r]); thi = Math.max(thi, v.tracin[r]); }
-    const tpad = 0.08 * ((thi - tlo) || 1); tlo -= tpad; thi += tpad;
-    const L = 58, R = 334, TOP = 18, B = 170, BL = 352, BR = 452;
+    let lo = Infinity, hi = -Infinity, tlo = Infinity, thi = -Infinity;
+    for (const r of union) {
+      for (const x of v.sdi[r]) { lo = Math.min(lo, x); hi = Math.max(hi, x); }
+      tlo = Math.min(tlo, v.tracin[r]); thi = Math.max(thi, v.tracin[r]);
+    }
+    [lo, hi] = padded(lo, hi, 0.06); [tlo, thi] = padded(tlo, thi, 0.08);
+    const L = 46, R = 270, TOP = 22, B = 186, BL = 282, BR = 352;
     const x = s => L + (R - L) * (D.T === 1 ? 0.5 : s / (D.T - 1));
-    const y = val => B - (B - TOP) * (val - lo) / (hi - lo);
-    const bx = val => BL + (BR - BL) * (val - tlo) / (thi - tlo);
+    const y = val => B - (B - TOP) * (val - lo) / ((hi - lo) || 1);
+    const bx = val => BL + (BR - BL) * (val - tlo) / ((thi - tlo) || 1);
+    const top = v.top[sign][t], k = top.length;
     traj.textContent = "";
-    traj.append(el("svg:text", { x: L, y: 11 }, ["SDI", sub("t"), ` of the current top-${D.k}, query ${S.query}`]),
+    traj.append(el("svg:text", { x: L, y: 11 }, ["SDI", sub("t"), ` of the current top-${k}, query ${S.query}`]),
                 el("svg:text", { x: BL, y: 11 }, ["TracIn = Σ", sub("t")]),
-                el("svg:line", { x1: L, x2: R, y1: y(0), y2: y(0), stroke: "#999", "stroke-width": 0.6 }),
-                el("svg:line", { x1: L, x2: L, y1: TOP, y2: B, stroke: "#333", "stroke-width": 0.8 }),
-                el("svg:line", { x1: L, x2: R, y1: B, y2: B, stroke: "#333", "stroke-width": 0.8 }),
-                el("svg:text", { x: L - 4, y: y(hi - pad) + 3, "text-anchor": "end", text: fmt(hi - pad) }),
-                el("svg:text", { x: L - 4, y: y(lo + pad) + 3, "text-anchor": "end", text: fmt(lo + pad) }),
+                el("svg:line", { class: "zero", x1: L, x2: R, y1: y(0), y2: y(0) }),
+                el("svg:path", { class: "axis", d: `M${L},${TOP}V${B}H${R}` }),
+                el("svg:text", { x: L - 4, y: y(hi) + 3, "text-anchor": "end", text: fmt(hi) }),
+                el("svg:text", { x: L - 4, y: y(lo) + 3, "text-anchor": "end", text: fmt(lo) }),
                 el("svg:text", { x: L - 4, y: y(0) + 3, "text-anchor": "end",
-                                 text: Math.min(y(0) - y(hi - pad), y(lo + pad) - y(0)) > 12 ? "0" : "" }),
+                                 text: Math.min(y(0) - y(hi), y(lo) - y(0)) > 12 ? "0" : "" }),
                 el("svg:text", { x: (L + R) / 2, y: B + 26, "text-anchor": "middle", text: "iteration t" }));
     const every = Math.ceil(D.T / 12);
     for (let s = 0; s < D.T; s += every) traj.append(el("svg:text", { x: x(s), y: B + 12, "text-anchor": "middle", text: String(s + 1) }));
-    traj.append(el("svg:line", { "data-role": "current-step", x1: x(t), x2: x(t), y1: TOP, y2: B, stroke: "#444", "stroke-dasharray": "4 3" }));
-    const top = v.top[sign][t];
-    top.forEach((i, r) => {
-      const vals = v.sdi[rowOf.get(i)];
+    traj.append(el("svg:line", { class: "now", "data-role": "current-step", x1: x(t), x2: x(t), y1: TOP, y2: B }));
+    const tip = (i, r) => `#${i} ${trainText(i)}  SDI_${t + 1} ${fmt(v.sdi[rowOf.get(i)][t])}  TracIn ${fmt(v.tracin[rowOf.get(i)])}`;
+    for (let r = k - 1; r >= 0; r--) {  // the strongest drawn last, on top
+      const i = top[r], vals = v.sdi[rowOf.get(i)];
       const pts = vals.map((val, s) => `${x(s).toFixed(1)},${y(val).toFixed(1)}`).join(" ");
-      traj.append(el("svg:polyline", { points: pts, fill: "none", stroke: D.colors[sign][r], "stroke-width": 1.6, "data-train-index": i },
-                     [el("svg:title", { text: `#${i} ${trainText(i)}  TracIn ${fmt(v.tracin[rowOf.get(i)])}` })]));
-    });
-    top.forEach((i, r) => traj.append(el("svg:circle", { cx: x(t), cy: y(v.sdi[rowOf.get(i)][t]), r: 2.4, fill: "#111" })));
-    traj.append(el("svg:line", { x1: bx(0), x2: bx(0), y1: TOP, y2: B, stroke: "#999", "stroke-width": 0.6 }));
-    const bh = (B - TOP) / D.k;
+      traj.append(el("svg:polyline", { class: `sdi-line sdi-r${r}`, points: pts, fill: "none", stroke: D.colors[sign][r],
+                                       "stroke-width": 1.6, "data-train-index": i }, [el("svg:title", { text: tip(i, r) })]),
+                  el("svg:circle", { class: `sdi-line sdi-r${r} dot`, cx: x(t), cy: y(vals[t]), r: 2.4 }));
+    }
+    traj.append(el("svg:line", { class: "zero", x1: bx(0), x2: bx(0), y1: TOP, y2: B }));
+    const bh = (B - TOP) / k;
     top.forEach((i, r) => {
-      const val = v.tracin[rowOf.get(i)];
-      traj.append(el("svg:rect", { x: Math.min(bx(0), bx(val)), y: TOP + r * bh + 1, width: Math.abs(bx(val) - bx(0)),
-                                   height: bh * 0.75, fill: D.colors[sign][r] }, [el("svg:title", { text: `#${i} TracIn ${fmt(val)}` })]));
+      const val = v.tracin[rowOf.get(i)], ytop = TOP + r * bh;
+      traj.append(el("svg:rect", { class: `sdi-line sdi-r${r}`, x: Math.min(bx(0), bx(val)), y: ytop + 1,
+                                   width: Math.abs(bx(val) - bx(0)), height: bh * 0.72, fill: D.colors[sign][r] },
+                     [el("svg:title", { text: tip(i, r) })]),
+                  el("svg:text", { class: `sdi-r${r} mono`, "data-role": "legend", x: BR + 6, y: ytop + bh * 0.36 + 3 },
+                     [el("svg:tspan", { fill: D.colors[sign][r], text: "■" }), ` #${i} ${short(trainText(i) + (trainCopies(i) > 1 ? " ×" + trainCopies(i) : ""), 14)}`,
+                      el("svg:title", { text: tip(i, r) })]));
     });
-    traj.append(el("svg:text", { x: BL, y: B + 12, text: fmt(tlo + tpad) }),
-                el("svg:text", { x: BR, y: B + 12, "text-anchor": "end", text: fmt(thi - tpad) }));
+    traj.append(el("svg:text", { x: BL, y: B + 12, text: fmt(tlo) }),
+                el("svg:text", { x: BR, y: B + 12, "text-anchor": "end", text: fmt(thi) }));
   }
 
-  function heatColor(val, vmax) {  // red - white - green, like the widget's colormap
+  function heatColor(val, vmax) {  // green (+) or red (-), opacity = |value| / vmax, like the widget's
     const u = Math.max(-1, Math.min(1, val / vmax));
-    const end = u >= 0 ? [27, 120, 55] : [178, 24, 43], w = [247, 247, 247], a = Math.abs(u);
-    return `rgb(${end.map((c, j) => Math.round(w[j] + (c - w[j]) * a)).join(",")})`;
+    return `rgba(${u >= 0 ? "46,160,67" : "218,54,51"},${Math.abs(u).toFixed(2)})`;
   }
 
   function renderHeat() {
     const v = cur(), t = S.step, sign = S.sign;
     const rowOf = new Map(v.rows.map((i, r) => [i, r]));
     const rows = unionRows(sign).slice(0, 24);
-    const L = 110, R = 452, TOP = 18, B = 214;
+    const L = 110, R = 470, TOP = 4, B = 200;
     const cw = (R - L) / D.T, rh = Math.min(14, (B - TOP) / rows.length);
     let vmax = 0;
     for (const i of rows) for (const x of v.sdi[rowOf.get(i)]) vmax = Math.max(vmax, Math.abs(x));
     vmax = vmax || 1;
+    heatCaption.textContent = "";
+    heatCaption.append("SDI", el("sub", { text: "t" }), ` of the examples that reach the top-${D.k} (${sign}); ▸ = in the top-${D.k} now`);
     heat.textContent = "";
-    heat.append(el("svg:text", { x: L, y: 11 }, ["SDI", sub("t"), ` of the examples that reach the top-${D.k} (${sign}); ▸ = in the top-${D.k} now`]));
     const current = new Set(v.top[sign][t]);
     rows.forEach((i, r) => {
       const vals = v.sdi[rowOf.get(i)];
@@ -394,10 +388,12 @@ JS = r"""
       heat.append(el("svg:text", { x: L - 11, y: TOP + r * rh + rh / 2 + 3, "text-anchor": "end", class: "mono", text: short(trainText(i), 16) }));
       if (current.has(i)) heat.append(el("svg:text", { x: L - 9, y: TOP + r * rh + rh / 2 + 3, "data-role": "in-top", text: "▸" }));
     });
-    heat.append(el("svg:rect", { "data-role": "current-step", x: L + t * cw, y: TOP, width: cw, height: rows.length * rh, fill: "none", stroke: "#111", "stroke-width": 1.4 }));
+    heat.append(el("svg:rect", { "data-role": "current-step", x: L + t * cw, y: TOP, width: cw, height: rows.length * rh, fill: "none", stroke: "currentColor", "stroke-width": 1.4 }));
     const every = Math.ceil(D.T / 12), yb = TOP + rows.length * rh + 11;
     for (let s = 0; s < D.T; s += every) heat.append(el("svg:text", { x: L + (s + 0.5) * cw, y: yb, "text-anchor": "middle", text: String(s + 1) }));
     heat.append(el("svg:text", { x: (L + R) / 2, y: yb + 12, "text-anchor": "middle", text: "iteration t" }));
+    const height = Math.ceil(yb + 16);
+    heat.setAttribute("height", height); heat.setAttribute("viewBox", `0 0 480 ${height}`);
   }
 
   function render() {
@@ -425,4 +421,4 @@ JS = r"""
   fillPicker();
   render();
 })();
-""".replace("GREEN", GREEN).replace("RED", RED)
+"""

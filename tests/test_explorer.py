@@ -119,7 +119,7 @@ def test_checkpoint_selector_ranks_one_checkpoint(explorer, result):
     for c in range(K):
         explorer.checkpoint.value = c + 1
         assert shown(explorer) == expected(result.checkpoint_sdi[c, :, 3, 4])
-        tracin_cells = re.findall(r'color:#555">([+-][^<]+)</td></tr>', explorer.table.value)
+        tracin_cells = re.findall(r'<td class="num muted">([+-][^<]+)</td></tr>', explorer.table.value)
         want = result.checkpoint_sdi[c, shown(explorer), 3].sum(-1)
         assert np.allclose([float(x) for x in tracin_cells], want.numpy(), rtol=6e-3, atol=1e-6)  # shown with 3 digits
     explorer.checkpoint.value = 0
@@ -177,12 +177,14 @@ def test_filter_narrows_the_picker(explorer):
 def test_answers_per_iteration_marked_right_or_wrong(explorer):
     explorer.query.value, explorer.step.value = 1, 2
     strip = explorer.answers.value
-    cells = re.findall(r'data-step="(\d+)"[^>]*border:([^;]+);.*?</small> (\d)(✓|✗)</span>', strip)
-    assert [int(c[0]) for c in cells] == list(range(1, T + 1))
-    for t, border, answer, mark in cells:
+    cells = re.findall(r'class="cell mono( right| wrong)?( current)?" data-step="(\d+)"[^>]*>.*?</small> (\d)(✓|✗)</span>',
+                       strip)
+    assert [int(c[2]) for c in cells] == list(range(1, T + 1))
+    for right, current, t, answer, mark in cells:
         assert answer == ANSWERS[1][int(t) - 1]
         assert mark == ("✓" if answer == TRUTH[1] else "✗")
-        assert ("2px" in border) == (int(t) == 2)  # the current iteration is outlined
+        assert right == (" right" if answer == TRUTH[1] else " wrong")
+        assert bool(current) == (int(t) == 2)  # the current iteration is outlined
     label = dict((q, l) for l, q in explorer.query.options)[1]
     assert label.endswith(f"→ {ANSWERS[1][-1]} {'✓' if ANSWERS[1][-1] == TRUTH[1] else '✗'}")
 
@@ -190,18 +192,36 @@ def test_answers_per_iteration_marked_right_or_wrong(explorer):
 def test_flipped_examples_are_marked(result):
     flipped = expected(result.sdi[:, 0, 0])[:2]
     ex = InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP, flipped=flipped)
-    rows = re.findall(r'<tr data-train-index="(\d+)".*?</tr>', ex.table.value)
-    bodies = re.split(r"<tr data-train-index=", ex.table.value)[1:]
+    rows = re.findall(r'<tr [^>]*data-train-index="(\d+)".*?</tr>', ex.table.value)
+    bodies = re.split(r"<tr ", ex.table.value)[1:]
     assert len(rows) == TOP
     for i, body in zip(rows, bodies):
         assert ("⚑ flipped" in body) == (int(i) in flipped)
 
 
-def test_figure_changes_with_the_step(explorer):
+def plotted(svg: str) -> list[int]:
+    """Training indices of the plotted trajectories, strongest first (they are drawn weakest first)."""
+    return [int(i) for i in re.findall(r'<polyline class="sdi-line sdi-r\d+" data-train-index="(\d+)"', svg)][::-1]
+
+
+def test_plot_is_svg_with_legend_and_follows_the_step(explorer, result):
+    import ipywidgets
+
+    assert isinstance(explorer.plot, ipywidgets.HTML)  # vector, no binary Image message
     first = explorer.plot.value
-    assert first[:8] == b"\x89PNG\r\n\x1a\n"
+    assert first.startswith("<svg") and plotted(first) == shown(explorer)
+    legend = re.findall(r'data-role="legend"[^>]*>.*? #(\d+) ', first)
+    assert [int(i) for i in legend] == shown(explorer)
+    x_now = lambda svg: float(re.search(r'data-role="current-step" x1="([\d.]+)"', svg).group(1))
     explorer.step.value = 4
-    assert explorer.plot.value[:8] == b"\x89PNG\r\n\x1a\n" and explorer.plot.value != first
+    svg = explorer.plot.value
+    assert plotted(svg) == expected(result.sdi[:, 0, 3]) and x_now(svg) > x_now(first)
+    # each line, its bar, its legend entry and its table row share one rank class: CSS links their hover
+    for r, i in enumerate(shown(explorer)):
+        assert f'<tr class="sdi-r{r}" data-train-index="{i}"' in explorer.table.value
+        assert f'class="sdi-line sdi-r{r}" data-train-index="{i}"' in svg
+    css = explorer.children[-1].value
+    assert ".sdi-x:has(.sdi-r0:hover) tr.sdi-r0>td" in css and ".sdi-x:has(.sdi-r0:hover) polyline.sdi-r0" in css
 
 
 def test_heat_rows_in_order_of_first_appearance(result):
@@ -225,7 +245,7 @@ def test_heatmap_shows_the_examples_that_reach_the_topk(explorer, result):
     now = set(expected(result.sdi[:, 2, 2], opponents=True))
     for i, body in rows:
         assert ("▸" in body) == (int(i) in now)
-        assert body.count("box-shadow") == 1  # the current iteration's cell is outlined
+        assert body.count('class="cell cur"') == 1  # the current iteration's cell is outlined
         assert f'title="#{i} t=3: {float(result.sdi[int(i), 2, 2]):+.3g}"' in body
 
 
