@@ -289,7 +289,7 @@ class SketchFeaturizer(Featurizer):
         ``(*batch, *feature_shape)``.
 
         This is the definition the fast kernels reproduce: a CountSketch of each flattened parameter gradient,
-        with the hashes of :func:`sketch_spec`, summed within each group.
+        with the hashes of :func:`~sdi.sketch.sketch_spec`, summed within each group.
         """
         if len(grads) != len(self.slots):
             raise ValueError(f"dense() needs one gradient per parameter ({len(self.slots)}), got {len(grads)}")

@@ -18,9 +18,9 @@ The manifest holds the format version, the model fingerprint (parameter names, s
 checkpoint's identity (file name, step, ``eta`` and a SHA-256 of its weights), the featurizer fingerprint
 (exact or sketch: seed, width, parameter layout), ``N``, ``T``, the feature shape, the storage dtype, the chunk
 size and, once complete, the CRC-32 of every chunk file. Opening a store for a model, checkpoint list or
-featurizer that differs from the manifest raises :class:`StoreMismatchError` naming what differs. A chunk whose
-bytes do not match its checksum is never used: resuming recomputes it, reading raises :class:`CorruptChunkError`,
-:meth:`FeatureStore.verify` lists it.
+featurizer that differs from the manifest raises :class:`~sdi.storage.StoreMismatchError` naming what differs.
+A chunk whose bytes do not match its checksum is never used: resuming recomputes it, reading raises
+:class:`~sdi.storage.CorruptChunkError`, :meth:`FeatureStore.verify` lists it.
 
 Storage dtypes: ``float32`` (default), ``float16``, ``bfloat16`` (NumPy has no bfloat16: stored as the raw
 ``uint16`` bit patterns). Products are always computed in float32.
@@ -226,7 +226,8 @@ def load_record(root: Path, k: int, i: int, manifest: dict) -> dict | None:
 def finalize_store(path: str | os.PathLike) -> "FeatureStore":
     """Gather every chunk record into the manifest and mark the store complete (after all ranks finished).
 
-    Raises :class:`StoreError` if a chunk is missing; removes leftover temporary files of killed writers.
+    Raises :class:`~sdi.storage.StoreError` if a chunk is missing; removes leftover temporary files of killed
+    writers.
     """
     root = Path(path)
     manifest = read_json(root / MANIFEST)
@@ -287,7 +288,10 @@ class FeatureStore:
         return store
 
     def check(self, attr: Any = None, checkpoint_refs: Sequence[CheckpointRef] | None = None) -> None:
-        """Raise :class:`StoreMismatchError` naming what differs from the manifest (model, featurizer, checkpoints)."""
+        """Raise :class:`~sdi.storage.StoreMismatchError` naming what differs from the manifest.
+
+        Compared: the model, the featurizer and the checkpoints.
+        """
         found, expected = self.manifest, dict(self.manifest)
         if attr is not None:
             expected["model"], expected["featurizer"] = model_fingerprint(attr.model), attr.fingerprint()
