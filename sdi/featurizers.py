@@ -296,7 +296,7 @@ class SketchFeaturizer(Featurizer):
         ``(*batch, *feature_shape)``.
 
         This is the definition the fast kernels reproduce: a CountSketch of each flattened parameter gradient,
-        with the hashes of :func:`sketch_spec`, into that parameter's buckets (``blocks``) of its group's ``m``.
+        with the hashes of :func:`~sdi.sketch.sketch_spec`, into that parameter's buckets (``blocks``) of its group's ``m``.
         """
         if len(grads) != len(self.slots):
             raise ValueError(f"dense() needs one gradient per parameter ({len(self.slots)}), got {len(grads)}")

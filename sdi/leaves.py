@@ -78,7 +78,7 @@ class LeafKind:
 
     def add_exact(self, cap: StepCapture, rec: LeafCalls, call: int, slots: list[tuple[str, ParamSlot]],
                   dest: Dest) -> None:
-        """Add the per-example gradients into the exact feature, ``dest(slot)`` being its (B, *shape) view."""
+        """Add the per-example gradients into the exact feature, ``dest(slot)`` being its ``(B, *shape)`` view."""
         grads = self.per_example(cap, rec, call, [a for a, _ in slots])
         for attr, slot in slots:
             dest(slot).add_(grads[attr].reshape(dest(slot).shape))

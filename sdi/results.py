@@ -224,7 +224,9 @@ class InfluenceResult:
 
 @dataclass
 class StreamTopK:
-    """Top-k training examples per (query, step) and by TracIn, from a streaming pass (see :mod:`sdi.results`)::
+    """Top-k training examples per (query, step) and by TracIn, from a streaming pass (see :mod:`sdi.results`).
+
+    Fields::
 
         sdi_indices / sdi_scores:           (Q, T_query, k) proponents (largest SDI first)
         sdi_opp_indices / sdi_opp_scores:   (Q, T_query, k) opponents (most negative first)
@@ -301,7 +303,7 @@ class TopKStream:
     """Running top-k of proponents and opponents, per (query, step) and by TracIn, over blocks of rows.
 
     ``add(start, sdi, tracin)`` takes the scores of rows ``start : start + C`` — sdi (C, Q, T_query), tracin
-    (C, Q) — in increasing ``start`` order; :meth:`result` gives the :class:`StreamTopK`.
+    (C, Q) — in increasing ``start`` order; ``result()`` gives the :class:`StreamTopK`.
     """
 
     def __init__(self, k: int, n_query: int, n_steps: int) -> None:

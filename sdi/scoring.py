@@ -127,7 +127,7 @@ def sum_checkpoints(parts: list[torch.Tensor]) -> torch.Tensor:
 class ScoreCollector:
     """Gathers :func:`score_block` outputs of K checkpoints for N training examples, in any arrival order.
 
-    ``add(k, start, block)`` files checkpoint ``k``'s block for rows ``start : start + B``; :meth:`totals` returns
+    ``add(k, start, block)`` files checkpoint ``k``'s block for rows ``start : start + B``; ``totals()`` returns
     every score summed over checkpoints (``(N, ...)``) plus ``checkpoint_sdi`` (K, N, Q, T_query).
     """
 

@@ -19,10 +19,10 @@ The manifest holds the format version, the model fingerprint (parameter names, s
 checkpoint's identity (file name, step, ``eta`` and a SHA-256 of its weights), the featurizer fingerprint
 (exact or sketch: seed, width, parameter layout), ``N``, ``T``, the feature shape, the storage dtype, the chunk
 size and, once complete, the CRC-32 of every chunk file. Opening a store for a model, checkpoint list or
-featurizer that differs from the manifest raises :class:`StoreMismatchError` naming what differs. Every file is
-checksummed — the manifest and each record seal their own content (:func:`sdi.storage.seal`) — and a file whose
+featurizer that differs from the manifest raises :class:`~sdi.storage.StoreMismatchError` naming what differs. Every file is
+checksummed — the manifest and each record seal their own content (:func:`~sdi.storage.seal`) — and a file whose
 bytes do not match is never used: resuming recomputes it (or rebuilds the manifest from the intact records),
-reading raises :class:`CorruptChunkError`, :meth:`FeatureStore.verify` names it.
+reading raises :class:`~sdi.storage.CorruptChunkError`, :meth:`FeatureStore.verify` names it.
 
 Storage dtypes: ``float32`` (default), ``float16``, ``bfloat16`` (NumPy has no bfloat16: stored as the raw
 ``uint16`` bit patterns). Products are always computed in float32.
@@ -70,7 +70,8 @@ from .storage import (STORAGE_DTYPES, TORCH_STORAGE, CorruptChunkError, StoreErr
 def finalize_store(path: str | os.PathLike) -> "FeatureStore":
     """Gather every chunk record into the manifest and mark the store complete (after all ranks finished).
 
-    Raises :class:`StoreError` if a chunk is missing; removes leftover temporary files of killed writers.
+    Raises :class:`~sdi.storage.StoreError` if a chunk is missing; removes leftover temporary files of killed
+    writers.
     """
     root = Path(path)
     manifest = read_manifest(root)
@@ -133,7 +134,10 @@ class FeatureStore:
         return store
 
     def check(self, attr: Any = None, checkpoint_refs: Sequence[CheckpointRef] | None = None) -> None:
-        """Raise :class:`StoreMismatchError` naming what differs from the manifest (model, featurizer, checkpoints)."""
+        """Raise :class:`~sdi.storage.StoreMismatchError` naming what differs from the manifest.
+
+        Compared: the model, the featurizer and the checkpoints.
+        """
         found, expected = self.manifest, dict(self.manifest)
         if attr is not None:
             expected["model"], expected["featurizer"] = model_fingerprint(attr.model), attr.fingerprint()

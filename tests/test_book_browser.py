@@ -167,10 +167,114 @@ def test_page_renders_offline(visit, workspace: booktools.Workspace, page: str) 
         branch, folder = config["repository"]["branch"], config["repository"]["path_to_book"]
         colab = f"{config['launch_buttons']['colab_url']}/github/{repo}/blob/{branch}/{folder}/{page}.ipynb"
         assert v.page.locator(f'a[href="{colab}"]').count() == 1, f"{page}: no launch button to {colab}"
+    assert not (raw := raw_markdown(v.page)), f"{page}: raw Markdown in the rendered text: {raw}"
+    assert not (bars := progress_bars(v.page)), f"{page}: progress bars in the built page: {bars}"
+    assert not (gaps := blank_outputs(v.page)), f"{page}: cell outputs that show nothing but take room: {gaps}"
+    assert not (wide := hidden_equations(v.page)), f"{page}: display equations cut off or covering their label: {wide}"
     shots = workspace.root / "_screenshots"
     shots.mkdir(exist_ok=True)
     v.page.screenshot(path=str(shots / f"{page}.png"))
     assert not v.problems(), f"{page}: " + "\n".join(v.problems())
+
+
+# Text the reader sees, outside code, math and preformatted outputs: what Markdown syntax would look like if a
+# renderer had left it unparsed (CommonMark prints pipe tables as text, an unknown role stays "{name}`...`").
+RAW_MARKDOWN = {
+    "pipe-table row": r"(^|\n)\s*\|[^\n]*\|\s*($|\n)",
+    "pipe-table rule": r"\|\s*:?-{3,}",
+    "bold markers": r"\*\*[^*\s][^*\n]*\*\*",
+    "heading marker": r"(^|\n)#{1,6} \S",
+    "link syntax": r"\[[^\]\n]+\]\([^)\s]+\)",
+    "MyST role": r"\{[a-z][a-z:-]*\}`",
+    "fence": r"(^|\n)\s*(:::|```)",
+    "display math": r"\$\$",
+}
+
+VISIBLE_TEXT_JS = """() => {
+    const skip = 'pre, code, script, style, .math, mjx-container, .highlight, .MathJax, noscript, template';
+    const out = [];
+    const walker = document.createTreeWalker(document.querySelector('main') || document.body, NodeFilter.SHOW_TEXT);
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+        const el = n.parentElement;
+        if (!el || el.closest(skip)) continue;
+        const style = getComputedStyle(el);
+        if (style.display === 'none' || style.visibility === 'hidden') continue;
+        out.push(n.textContent);
+    }
+    return out.join('');
+}"""
+
+
+def raw_markdown(page: "sync_api.Page") -> list[str]:
+    """``kind: 'snippet'`` for every stretch of the page's visible prose that is Markdown syntax left as text."""
+    text = page.evaluate(VISIBLE_TEXT_JS)
+    found = []
+    for kind, pattern in RAW_MARKDOWN.items():
+        for m in re.finditer(pattern, text):
+            found.append(f"{kind}: {text[max(0, m.start() - 30): m.end() + 30]!r}")
+    return found
+
+
+def progress_bars(page: "sync_api.Page") -> list[str]:
+    """Progress bars in any form: rendered widgets, models in the saved widget state (also closed, hidden bars,
+    which leave blank gaps), or tqdm's text bars in a stream output."""
+    found = [f"{n} rendered progress widget(s)" for n in [page.locator(".widget-progress, progress").count()] if n]
+    for state in page.locator('script[type="application/vnd.jupyter.widget-state+json"]').all_text_contents():
+        models = json.loads(state).get("state", {}).values()
+        found += [f"saved widget model {m['model_name']}" for m in models if "Progress" in m.get("model_name", "")]
+    for text in page.locator(".cell_output pre").all_text_contents():
+        found += [f"text bar {m.group(0)!r}" for m in re.finditer(r"\d+%\|[^|\n]*\|[^\n]*(it/s|s/it)", text)]
+    return found
+
+
+BLANK_OUTPUTS_JS = """() => {
+    const content = 'img, svg, canvas, table, iframe, mjx-container, input, button, select, textarea';
+    const blank = [];
+    document.querySelectorAll('.cell_output > .output, .cell_output > div').forEach((el, i) => {
+        const box = el.getBoundingClientRect();
+        if (box.height <= 4) return;
+        if (el.innerText.trim() !== '') return;
+        const shown = [...el.querySelectorAll(content)].some(c => {
+            const b = c.getBoundingClientRect();
+            return b.width > 0 && b.height > 0;
+        });
+        if (!shown) blank.push(`output ${i} (${el.className}): ${Math.round(box.height)} px of nothing`);
+    });
+    return blank;
+}"""
+
+
+def blank_outputs(page: "sync_api.Page") -> list[str]:
+    """Cell outputs that take vertical room but show no text, image, table or control (e.g. a closed bar)."""
+    return page.evaluate(BLANK_OUTPUTS_JS)
+
+
+HIDDEN_EQUATIONS_JS = """() => {
+    const column = (document.querySelector('article.bd-article') || document.querySelector('main'))
+        .getBoundingClientRect();
+    const bad = [];
+    document.querySelectorAll('div.math').forEach((div, i) => {
+        const formula = div.querySelector('mjx-container');
+        if (!formula) return;
+        const f = formula.getBoundingClientRect(), d = div.getBoundingClientRect();
+        const name = div.id || `formula ${i}`;
+        if (f.right > column.right + 1 || d.right > column.right + 1)
+            bad.push(`${name}: runs ${Math.round(Math.max(f.right, d.right) - column.right)} px past the column`);
+        const label = div.querySelector('.eqno');
+        if (label) {
+            const l = label.getBoundingClientRect();
+            if (l.right > column.right + 1) bad.push(`${name}: its label is outside the column`);
+            if (l.left < f.right - 1 && l.right > f.left + 1 && l.top < f.bottom && l.bottom > f.top)
+                bad.push(`${name}: its label sits on the formula`);
+        }
+    });
+    return bad;
+}"""
+
+
+def hidden_equations(page: "sync_api.Page") -> list[str]:
+    """Display equations wider than the text column, or whose number overlaps them (at the 1280 px viewport)."""
+    return page.evaluate(HIDDEN_EQUATIONS_JS)
 
 
 def test_preface_widget_is_interactive_without_a_kernel(visit) -> None:

@@ -4,7 +4,10 @@ Chapters are committed without outputs, start with the Colab cell derived from `
 exactly the chapters of ``_toc.yml``. Fix a failure with ``python book/booktools.py strip`` or ``sync``.
 """
 
+import subprocess
 import sys
+import tomllib
+import zipfile
 from pathlib import Path
 
 import nbformat
@@ -51,10 +54,59 @@ def test_cleanliness_check_catches_outputs_and_a_wrong_colab_cell(tmp_path: Path
 def test_colab_cell_is_inert_here_and_names_the_repository() -> None:
     url = booktools.repository_url(BOOK)
     source = booktools.colab_cell_source(url)
-    assert f'"{url}"' in source and "loopsdi[widgets] @ git+" in source
+    assert f'"{url}"' in source and "loopsdi @ git+{REPOSITORY}" in source
     namespace: dict = {}
     exec(compile(source, "colab-cell", "exec"), namespace)  # no google.colab here: must do nothing
     assert "REPOSITORY" not in namespace
+
+
+def test_repository_url_is_written_in_config_only() -> None:
+    """The address lives in _config.yml; the chapters hold the generated cell, nothing else in the book names it."""
+    url = booktools.repository_url(BOOK)
+    cell = booktools.colab_cell_source(url)
+    for path in CHAPTERS:
+        nb = nbformat.read(str(path), as_version=4)
+        elsewhere = [i for i, c in enumerate(nb.cells) if url in c.source and c.source != cell]
+        assert not elsewhere, f"{path.name}: cells {elsewhere} spell out repository.url; use the Colab cell"
+    for page in BOOK.glob("*.md"):
+        assert url not in page.read_text(encoding="utf-8"), f"{page.name} spells out repository.url"
+
+
+def test_colab_install_is_a_plain_pip_install_of_this_repository(tmp_path: Path) -> None:
+    """What the Colab cell installs: this repository's package, by name, without extras (so pip leaves Colab's
+    preinstalled ipywidgets alone), and the repository builds into a wheel holding both packages."""
+    from packaging.requirements import Requirement
+
+    url = booktools.repository_url(BOOK)
+    requirement = Requirement(booktools.COLAB_REQUIREMENT.format(REPOSITORY=url))
+    project = tomllib.loads((BOOK.parent / "pyproject.toml").read_text())["project"]
+    assert requirement.name == project["name"] and requirement.url == f"git+{url}"
+    assert not requirement.extras, "an extra could replace Colab's ipywidgets"
+    assert not any(dep.lower().startswith("ipywidgets") for dep in project["dependencies"])
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(BOOK.parent)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (wheel,) = tmp_path.glob("loopsdi-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sdi/__init__.py" in names and "sdi_widgets/__init__.py" in names
+
+
+def test_progress_bars_obey_tqdm_disable_also_in_a_notebook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a kernel ``tqdm.auto`` is ``tqdm.notebook``, which passes ``disable=False`` itself and so ignores
+    ``TQDM_DISABLE``; the library's bars must still honour it (the book builds set it), and show otherwise."""
+    import sdi.progress
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    monkeypatch.setattr(sdi.progress, "tqdm", notebook_tqdm)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert sdi.progress.progress_bar(range(3), display=False).disable
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    bar = sdi.progress.progress_bar(range(3), display=False)
+    assert not bar.disable
+    bar.close()
+    monkeypatch.delenv("TQDM_DISABLE")
+    assert not sdi.progress.progress_bar(range(3), display=False).disable
+    assert sdi.progress.progress_bar(range(3), enabled=False, display=False).disable
 
 
 def test_new_chapter_scaffold_is_clean(tmp_path: Path) -> None:
