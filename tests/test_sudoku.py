@@ -107,3 +107,13 @@ def test_bad_arguments_are_named():
         S.parse_grid("12345")
     with pytest.raises(ValueError, match="prompt"):
         S.parse_prompt("1234")
+
+
+def test_preset_fits_its_data():
+    train, test, model_config, train_config = sdi.presets.sudoku_setup(n_train=50)
+    assert len(train) == 50 and len(test) == 600
+    assert model_config.block_size == train.seq_len == test.seq_len
+    assert model_config.vocab_size == train.tokenizer.vocab_size
+    assert model_config.n_loops == 1 + max(e.hops for e in train.examples)
+    model = sdi.LoopedGPT(model_config)
+    assert sdi.tasks.loss_fn(model, train.batch(range(4))).shape == (4,)
