@@ -440,3 +440,4 @@ def explorer_inputs(model: torch.nn.Module, train_data: TaskDataset, query_data:
         "query_truth": [e.answer for e in query_data.examples],
         "query_answers": [list(row) for row in zip(*per_step)],
     }
+from .sudoku import SUDOKU_SYMBOLS, sudoku  # noqa: E402,F401  (4x4 Sudoku: sdi/sudoku.py)
