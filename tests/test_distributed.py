@@ -41,7 +41,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     assert "8 chunk(s) computed by rank 0 of 2" in out_two   # chunks 0, 2, 4, 6 of both checkpoints
     assert "16 chunk(s) computed" in out_single        # 8 chunks (the last one short) x 2 checkpoints
     a, b = tree_bytes(tmp_path / "two"), tree_bytes(tmp_path / "single")
-    assert sorted(a) == sorted(b) and len(a) == 1 + 2 * 8 * 3
+    assert sorted(a) == sorted(b) and len(a) == 2 + 2 * 8 * 3   # manifest, writer lock, 8 chunks x 3 files x 2 ckpts
     assert a == b
     manifest = json.loads(a["manifest.json"])
     assert manifest["complete"] and manifest["n_chunks"] == 8
