@@ -185,7 +185,7 @@ def column_widths(data: "ExplorerData") -> list[int]:
     label = max((len(data.train_labels[i]) for i in shown), default=0) if data.train_labels is not None else 0
     flag = 62 if data.flipped else 0
     digits = len(str(data.n_train - 1))
-    return [40, 84, 28, int(8 * digits + 14), int(CHAR_PX * max(text, 6) + 14),
+    return [40, 84, 28, max(44, int(8 * digits + 14)), int(CHAR_PX * max(text, 6) + 14),
             int(max(CHAR_PX * max(label, 6) + 14 + flag, 54)), 126, 76]
 
 

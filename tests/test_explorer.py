@@ -390,3 +390,124 @@ def test_explorer_inputs_from_a_looped_model():
         InfluenceExplorer(make_result(n=12, q=3, t=5, k=1), k=4, **inputs)  # answers for 3 loops, result for 5
     with pytest.raises(TypeError, match="train_data must be an sdi.tasks.TaskDataset"):
         explorer_inputs(model, train.texts(), queries)
+
+
+# ------------------------------------------------------------------------------ ties and copies
+
+def tied_result():
+    """Rows 0-3 tie at every step (distinct texts); rows 5-9 are copies of one example (same text and label)."""
+    res = make_result(k=1)
+    res.sdi[0:4] = res.sdi[:, :, :].abs().max() + 1.0   # the four strongest, equal, at every step
+    res.sdi[6:10] = res.sdi[5]                            # copies: identical scores
+    res.tracin = res.sdi.sum(-1)
+    res.checkpoint_sdi = None
+    texts = list(TRAIN_TEXTS)
+    texts[6:10] = [texts[5]] * 4
+    return res, texts
+
+
+def test_ties_share_a_rank_and_show_no_movement_between_them():
+    res, texts = tied_result()
+    data = ExplorerData(res, texts, QUERY_TEXTS, k=TOP, train_labels=["1"] * N)
+    for t in range(1, T):
+        r = data.ranking(0, 0, t, "proponents")
+        assert r.indices[:4].tolist() == [0, 1, 2, 3]          # ties in index order, as InfluenceResult.top_k
+        assert r.ranks[:4].tolist() == [1, 1, 1, 1] and r.prev_ranks[:4].tolist() == [1, 1, 1, 1]
+        assert r.movement[:4].tolist() == [0, 0, 0, 0]           # no false arrows among tied examples
+        assert r.ranks[4:].tolist() == list(range(5, TOP + 1))   # after a 4-way tie the next rank is 5
+        assert r.indices.tolist() == res.top_k(0, step=t, k=TOP).indices.tolist()[:4] + r.indices.tolist()[4:]
+    ex = InfluenceExplorer(res, train_texts=texts, query_texts=QUERY_TEXTS, k=TOP, train_labels=["1"] * N)
+    ex.step.value = 3
+    cells = re.findall(r'data-rank="(\d+)" data-prev-rank="\d+"><td[^>]*>(\d+)</td><td>(.*?)</td>', ex.table.value)
+    assert [c[1] for c in cells[:4]] == ["1"] * 4 and all(">=<" in c[2] for c in cells[:4])
+
+
+def test_copies_of_one_example_are_one_row():
+    res, texts = tied_result()
+    data = ExplorerData(res, texts, QUERY_TEXTS, k=TOP, train_labels=["1"] * N)
+    assert data.copies[5] == 5 and data.copies[6:10].tolist() == [0] * 4 and data.copies[10:].tolist() == [1] * 30
+    distinct = [i for i in range(N) if i not in (6, 7, 8, 9)]
+    for q in range(Q):
+        for t in range(T):
+            for opp in (False, True):
+                s = res.sdi[distinct, q, t]
+                want = [distinct[j] for j in torch.sort(-s if opp else s, descending=True, stable=True).indices[:TOP]]
+                assert data.ranking(0, q, t, "opponents" if opp else "proponents").indices.tolist() == want
+    ex = InfluenceExplorer(res, train_texts=texts, query_texts=QUERY_TEXTS, k=N, train_labels=["1"] * N)
+    assert ex.data.k == N - 4 and sorted(shown(ex)) == distinct   # every distinct example once
+    assert '×5</span>' in ex.table.value
+    # the same text with different scores (texts that do not identify the inputs) stays separate
+    other = make_result(k=1)
+    assert ExplorerData(other, ["same"] * N, QUERY_TEXTS, k=TOP).copies.tolist() == [1] * N
+
+
+# ------------------------------------------------------------------------------ front-end independence
+
+def widget_tree(w):
+    yield w
+    for c in getattr(w, "children", ()):
+        yield from widget_tree(c)
+
+
+def test_no_jslink_play_or_image_widget(result, monkeypatch):
+    import ipywidgets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the explorer must not rely on jslink (Colab, ipywidgets 7)")
+
+    monkeypatch.setattr(ipywidgets, "jslink", refuse)
+    monkeypatch.setattr(ipywidgets, "jsdlink", refuse)
+    ex = InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP)
+    kinds = {type(w).__name__ for w in widget_tree(ex)}
+    assert not kinds & {"Image", "Play", "Link", "DirectionalLink", "Output"}, kinds
+    assert isinstance(ex.play, ipywidgets.ToggleButton)
+
+
+def test_play_runs_in_python_and_stops_at_the_last_iteration(explorer, result):
+    import time
+
+    seen = []
+    explorer.step.observe(lambda change: seen.append(change["new"]), names="value")
+    explorer.interval = 0.01
+    explorer.step.value = 2
+    seen.clear()
+    explorer.play.value = True
+    assert explorer.play.description == "❚❚ pause"
+    deadline = time.monotonic() + 10
+    while explorer.play.value and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not explorer.play.value and explorer.play.description == "▶ play"
+    assert seen == list(range(3, T + 1)) and shown(explorer) == expected(result.sdi[:, 0, T - 1])
+    seen.clear()
+    explorer.play.value = True          # at the last iteration: play starts again from t = 1
+    time.sleep(0.03)
+    explorer.play.value = False         # pause
+    time.sleep(0.05)
+    stopped = explorer.step.value
+    time.sleep(0.05)
+    assert seen[0] == 1 and explorer.step.value == stopped < T
+    explorer.interval = 0.7
+
+
+def test_table_width_is_fixed_while_scrubbing(explorer):
+    layouts = set()
+    for q in range(Q):
+        for sign in ("proponents", "opponents"):
+            for t in range(1, T + 1):
+                explorer.query.value, explorer.sign.value, explorer.step.value = q, sign, t
+                layouts.add(re.search(r'<table class="sdi-top" style="width:(\d+)px"><colgroup>(.*?)</colgroup>',
+                                      explorer.table.value).groups())
+    assert len(layouts) == 1
+    width = int(layouts.pop()[0])
+    assert explorer.table.layout.width == f"{width + 4}px"
+
+
+def test_outputs_take_colours_from_the_theme(explorer):
+    css = explorer.children[-1].value
+    for var in ("--jp-content-font-color1", "--vscode-editor-foreground", "--jp-ui-font-color2",
+                '[data-jp-theme-light="false"]', ".vscode-dark"):
+        assert var in css
+    for out in (explorer.table, explorer.answers, explorer.plot, explorer.heatmap):
+        # no fixed light backgrounds or dark text colours that would vanish in a dark theme
+        assert not re.search(r"background:\s*(#f|#e|#d|white|rgb\(2)", out.value), out.value[:200]
+        assert not re.search(r"(?<![-\w])color:\s*#[0-5]", out.value)

@@ -6,6 +6,7 @@ the test fails on it, as on any console error.
 """
 
 import functools
+import os
 import http.server
 import shutil
 import threading
@@ -192,6 +193,91 @@ def test_two_fragments_embedded_in_one_page_are_independent(browser, result, tmp
         roots.nth(1).locator("[data-role=step]").fill("4")
         assert rows(1) == topk(result.sdi[:, 0, 3])[:5]
         assert rows(0) == topk(result.sdi[:, 0, 0])[:3] and roots.nth(0).get_attribute("data-step") == "1"
+        assert g.blocked == [] and g.errors == []
+    finally:
+        g.close()
+
+
+# ------------------------------------------------------------------------------------------ themes
+
+THEMES = {  # the variables and markers the front ends set (values from their dark and light themes)
+    "jupyterlab-dark": ('data-jp-theme-light="false"', "--jp-layout-color0:#111111;--jp-content-font-color1:"
+                        "rgba(255,255,255,1);--jp-ui-font-color1:rgba(255,255,255,.87);--jp-ui-font-color2:"
+                        "rgba(255,255,255,.54);background:#111111;color:rgba(255,255,255,.87)"),
+    "vscode-dark": ('class="vscode-dark"', "--vscode-editor-background:#1e1e1e;--vscode-editor-foreground:#d4d4d4;"
+                    "--vscode-descriptionForeground:rgba(204,204,204,.7);background:#1e1e1e;color:#cccccc"),
+    "plain-dark": ("", "background:#1f1f1f;color:#e3e3e3"),          # a dark page that sets no variables (Colab)
+    "jupyterlab-light": ('data-jp-theme-light="true"', "--jp-content-font-color1:rgba(0,0,0,1);--jp-ui-font-color1:"
+                         "rgba(0,0,0,.87);--jp-ui-font-color2:rgba(0,0,0,.54);background:#ffffff;color:rgba(0,0,0,.87)"),
+}
+
+CONTRAST_JS = """sel => {
+  const parse = s => { const p = s.match(/rgba?\\(([^)]+)\\)/)[1].split(/[\\s,\\/]+/).filter(Boolean).map(Number);
+                       return [p[0], p[1], p[2], p.length > 3 ? p[3] : 1]; };
+  const over = (t, b) => [0, 1, 2].map(i => t[i] * t[3] + b[i] * (1 - t[3])).concat([1]);
+  const bg = el => { const layers = [];
+    for (let e = el; e; e = e.parentElement) { const c = parse(getComputedStyle(e).backgroundColor);
+      if (c[3] > 0) layers.push(c); if (c[3] >= 1) break; }
+    let base = [255, 255, 255, 1];
+    for (let i = layers.length - 1; i >= 0; i--) base = over(layers[i], base);
+    return base; };
+  const lum = c => { const f = v => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+                     return 0.2126 * f(c[0]) + 0.7152 * f(c[1]) + 0.0722 * f(c[2]); };
+  return [...document.querySelectorAll(sel)].filter(e => e.textContent.trim()).map(e => {
+    const b = bg(e), f = over(parse(getComputedStyle(e).color), b), a = lum(f), c = lum(b);
+    return [(Math.max(a, c) + 0.05) / (Math.min(a, c) + 0.05), e.textContent.trim().slice(0, 40)]; });
+}"""
+
+# what must be readable: captions, the answer strip (query, muted parts, the per-iteration cells), table text
+READABLE = ["[data-role=caption]", "[data-role=answers] .muted", "[data-role=answers] .query",
+            "[data-role=answers] .cell", "table.sdi-top td.text", "table.sdi-top td.num", "[data-role=legend]"]
+
+
+def widget_page(explorer, theme: str, static: str) -> str:
+    """The live widget's outputs (its stylesheet, answers, table, SVG plot, heat map) and the static fragment in a
+    page themed like a front end; ipywidgets' own controls are drawn by the front end itself and are left out."""
+    marker, style = THEMES[theme]
+    ex = explorer
+    top = "".join(w.value for w in (ex.children[-1], ex.answers, ex.note))
+    body = (f"<div style='display:flex;flex-wrap:wrap;align-items:flex-start'><div style='width:{ex.table.layout.width}'>"
+            f"{ex.table.value}</div><div style='width:480px;margin-left:14px'>{ex.plot.value}{ex.heatmap.value}</div></div>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'></head><body {marker} style='margin:10px;{style}'>"
+            f"<div class='sdi-x' data-role='widget'>{top}{body}</div><hr>{static}</body></html>")
+
+
+@pytest.mark.parametrize("theme", list(THEMES))
+def test_themes_keep_text_readable_and_plot_transparent(browser, result, flipped, tmp_path, theme):
+    from PIL import Image
+
+    from sdi_widgets import ExplorerData, InfluenceExplorer, render_html
+
+    extras = dict(train_labels=TRAIN_LABELS, flipped=flipped, query_answers=ANSWERS, query_truth=TRUTH)
+    ex = InfluenceExplorer(result, train_texts=TRAIN_TEXTS, query_texts=QUERY_TEXTS, k=TOP, **extras)
+    ex.step.value = 3
+    static = render_html(ExplorerData(result, TRAIN_TEXTS, QUERY_TEXTS, k=TOP, **extras), full_page=False,
+                         initial={"step": 2})
+    (tmp_path / "page.html").write_text(widget_page(ex, theme, static), encoding="utf-8")
+    g = Guarded(browser, "file://")
+    try:
+        g.page.goto((tmp_path / "page.html").as_uri())
+        g.page.wait_for_selector(".sdix [data-role=table] tr[data-train-index]")
+        for part in ("[data-role=widget]", ".sdix"):
+            for sel in READABLE:
+                measured = g.page.evaluate(CONTRAST_JS, f"{part} {sel}")
+                assert measured, f"nothing matched {part} {sel}"
+                worst = min(measured)
+                assert worst[0] >= 4.5, f"{theme}: {part} {sel} has contrast {worst[0]:.2f} ({worst[1]!r})"
+            if theme.endswith("dark"):   # the plots sit on the page's own background: no white box
+                for svg in ("svg[data-role=trajectory]", "svg[data-role=heatmap]" if part == ".sdix" else "table"):
+                    shot = tmp_path / "plot.png"
+                    g.page.locator(f"{part} {svg}").first.screenshot(path=str(shot))
+                    pixels = sorted(Image.open(shot).convert("L").tobytes())
+                    bright = sum(p > 200 for p in pixels) / len(pixels)   # light text and lines only
+                    median = pixels[len(pixels) // 2]
+                    assert bright < 0.1 and median < 60, f"{theme}: {part} {svg}: {bright:.0%} near-white, median {median}"
+        if os.environ.get("SDI_SCREENSHOT_DIR") and theme in ("jupyterlab-light", "jupyterlab-dark"):
+            g.page.locator("[data-role=widget]").screenshot(
+                path=str(Path(os.environ["SDI_SCREENSHOT_DIR"]) / f"explorer-{theme.split('-')[1]}.png"))
         assert g.blocked == [] and g.errors == []
     finally:
         g.close()
