@@ -19,7 +19,7 @@ import torch.nn as nn
 from .capture import LeafCalls, ParamSlot, StepCapture
 from .leaves import LeafKind, NormLeaf, leaf_kind
 from .sketch import (DEFAULT_MAX_CHUNK_ELEMENTS, HASH_VERSION, OUTER_BLOCK_ELEMENTS, CountSketch, Spec,
-                     TensorSketch, block_sizes, choose_linear_kernel, sketch_spec)
+                     TensorSketch, choose_linear_kernel, sketch_spec)
 
 GroupSpec = None | str | Callable[[str], str]
 
@@ -161,27 +161,36 @@ def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, n
 
 
 class BatchTarget:
-    """Where one batch's sketches go: ``out`` (B, T, G, m), written through a contiguous buffer."""
+    """Where one batch's sketches go: ``out`` (B, T, G, m) directly, FFT-domain parts into one spectrum."""
 
     def __init__(self, out: torch.Tensor, sketch_dim: int, n_groups: int) -> None:
         self.out = out
         self.buf = out if out.is_contiguous() else torch.zeros_like(out)
         self.time = self.buf.view(out.shape[0], out.shape[1], n_groups, sketch_dim)
+        self.m = sketch_dim
+        self.spectrum: torch.Tensor | None = None
 
-    def block(self, step: int, group: int, start: int, size: int) -> torch.Tensor:
-        """(B, size) view of ``out`` at one step and group: one parameter's block of buckets."""
-        return self.time[:, step, group, start : start + size]
+    def rows(self, step: int, group: int) -> torch.Tensor:
+        """(B, m) view of ``out`` at one step and group."""
+        return self.time[:, step, group]
+
+    def freq_rows(self, step: int, group: int) -> torch.Tensor:
+        """(B, m // 2 + 1) complex view of the spectrum at one step and group."""
+        if self.spectrum is None:
+            self.spectrum = torch.zeros(*self.time.shape[:-1], self.m // 2 + 1, dtype=torch.complex64,
+                                        device=self.time.device)
+        return self.spectrum[:, step, group]
 
     def finish(self) -> None:
+        if self.spectrum is not None:
+            self.time += torch.fft.irfft(self.spectrum, n=self.m)
+            self.spectrum = None
         if self.buf is not self.out:
             self.out += self.buf
 
 
 class SketchFeaturizer(Featurizer):
     """Sketched per-(example, step) gradients: features (B, T, m), or (B, T, G, m) with ``groups``.
-
-    Each group's ``m`` buckets are split into equal blocks, one per matrix parameter
-    (:func:`sdi.sketch.block_sizes`); vector parameters use all ``m`` (``blocks[id(param)] = (group, start, size)``).
 
     Arguments::
 
@@ -222,18 +231,7 @@ class SketchFeaturizer(Featurizer):
             self.group_names = list(dict.fromkeys(self.slot_groups))
         self.group_of = {id(s.param): (self.group_names.index(g) if self.slot_groups else 0)
                          for s, g in zip(slots, self.slot_groups or [None] * len(slots))}
-        self.blocks: dict[int, tuple[int, int, int]] = {}
-        for g in range(self.n_groups):
-            members = [s for s in slots if self.group_of[id(s.param)] == g]
-            matrices = [s for s in members if len(s.shape) == 2]
-            start = 0
-            for s, size in zip(matrices, block_sizes(len(matrices), sketch_dim)):
-                self.blocks[id(s.param)] = (g, start, size)
-                start += size
-            for s in members:
-                if len(s.shape) != 2:                  # vectors: CountSketched over all m buckets
-                    self.blocks[id(s.param)] = (g, 0, sketch_dim)
-        self.specs = {id(s.param): sketch_spec(s, self.blocks[id(s.param)][2], seed) for s in slots}
+        self.specs = {id(s.param): sketch_spec(s, sketch_dim, seed) for s in slots}
         self._on_device: dict[tuple[int, str], Spec] = {}
         self._flat_cache: dict[tuple[int, str], CountSketch] = {}
 
@@ -246,10 +244,6 @@ class SketchFeaturizer(Featurizer):
 
     def target(self, out: torch.Tensor) -> "BatchTarget":
         return BatchTarget(out, self.sketch_dim, self.n_groups)
-
-    def rows(self, target: "BatchTarget", step: int, slot: ParamSlot) -> torch.Tensor:
-        """(B, m_i) view of the batch's features at ``step``: the buckets of ``slot``'s parameter."""
-        return target.block(step, *self.blocks[id(slot.param)])
 
     def add_call(self, kind: LeafKind, cap: StepCapture, rec: LeafCalls, call: int,
                  slots: list[tuple[str, ParamSlot]], target: "BatchTarget", step: int) -> None:
@@ -268,7 +262,6 @@ class SketchFeaturizer(Featurizer):
 
     def fingerprint(self) -> dict[str, Any]:
         fp = super().fingerprint()
-        # the block layout is a pure function of (params, sketch_dim, groups) and the hash version names it
         fp.update(seed=self.seed, sketch_dim=self.sketch_dim, hash=HASH_VERSION,
                   groups=None if self.slot_groups is None else
                   [[s.name, g] for s, g in zip(self.slots, self.slot_groups)])
@@ -296,7 +289,7 @@ class SketchFeaturizer(Featurizer):
         ``(*batch, *feature_shape)``.
 
         This is the definition the fast kernels reproduce: a CountSketch of each flattened parameter gradient,
-        with the hashes of :func:`~sdi.sketch.sketch_spec`, into that parameter's buckets (``blocks``) of its group's ``m``.
+        with the hashes of :func:`~sdi.sketch.sketch_spec`, summed within each group.
         """
         if len(grads) != len(self.slots):
             raise ValueError(f"dense() needs one gradient per parameter ({len(self.slots)}), got {len(grads)}")
@@ -310,6 +303,5 @@ class SketchFeaturizer(Featurizer):
                 spec(g.float().reshape(*lead, -1))
             if out is None:
                 out = torch.zeros(*lead, self.n_groups, self.sketch_dim, device=g.device)
-            group, start, size = self.blocks[id(s.param)]
-            out[..., group, start : start + size] += part
+            out[..., self.group_of[id(s.param)], :] += part
         return out if self.slot_groups is not None else out.squeeze(-2)

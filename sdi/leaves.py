@@ -90,7 +90,7 @@ class LeafKind:
         for attr, slot in slots:
             g = grads[attr].float()                                             # (B, *shape)
             spec = sketcher.spec(slot, g.device)
-            rows = sketcher.rows(target, step, slot)
+            rows = target.rows(step, sketcher.group_of[id(slot.param)])
             if isinstance(spec, TensorSketch):
                 spec.add_into(rows, g, sketcher.max_chunk_elements)
             else:
@@ -196,20 +196,17 @@ class LinearLeaf(LeafKind):
                 dest(slot).add_(delta.sum(1))
 
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
-        first, second, delta = self.outer(rec, call)
+        rows, cols, delta = self.outer(rec, call)
         for attr, slot in slots:
             spec = sketcher.spec(slot, delta.device)
-            rows = sketcher.rows(target, step, slot)                          # (B, m_i): this tensor's block
+            group = sketcher.group_of[id(slot.param)]
             if attr == "bias":
-                spec.add_into(rows, delta.sum(1))
-            elif sketcher.use_outer(spec, second.shape[1]):
-                tensor_sketch_outer(rows, first, second, spec, sketcher.flat_hash(slot, spec, second.device),
-                                    sketcher.max_chunk_elements)
+                spec.add_into(target.rows(step, group), delta.sum(1))
+            elif sketcher.use_outer(spec, cols.shape[1]):
+                tensor_sketch_outer(target.rows(step, group), rows, cols, spec,
+                                    sketcher.flat_hash(slot, spec, cols.device), sketcher.max_chunk_elements)
             else:
-                m = spec.sketch_dim
-                spectrum = torch.zeros(second.shape[0], m // 2 + 1, dtype=torch.complex64, device=second.device)
-                tensor_sketch_fft(spectrum, first, second, spec, sketcher.max_chunk_elements)
-                rows += torch.fft.irfft(spectrum, n=m)
+                tensor_sketch_fft(target.freq_rows(step, group), rows, cols, spec, sketcher.max_chunk_elements)
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -268,7 +265,7 @@ class NormLeaf(LeafKind):
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
         for attr, g in self.per_example(cap, rec, call, [a for a, _ in slots]).items():
             slot = dict(slots)[attr]
-            sketcher.spec(slot, g.device).add_into(sketcher.rows(target, step, slot), g)
+            sketcher.spec(slot, g.device).add_into(target.rows(step, sketcher.group_of[id(slot.param)]), g)
 
 
 @register_leaf_kind(nn.Embedding)
@@ -303,7 +300,7 @@ class EmbeddingLeaf(LeafKind):
     def add_sketch(self, cap, rec, call, slots, sketcher, target, step):
         ids, delta = self.factors(rec, call)
         for _, slot in slots:
-            rows = sketcher.rows(target, step, slot)
+            rows = target.rows(step, sketcher.group_of[id(slot.param)])
             embedding_sketch(rows, ids, delta, sketcher.spec(slot, delta.device), sketcher.max_chunk_elements)
 
 

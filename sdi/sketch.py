@@ -3,7 +3,7 @@
 A CountSketch ``S: R^d -> R^m`` sends coordinate ``i`` to bucket ``h(i)`` with sign ``s(i)``::
 
     (S x)[k] = sum_{i : h(i) = k} s(i) x_i            E <S x, S y> = <x, y>
-    Var <S x, S y> = (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / m
+    Var <S x, S y> ~= (||x||^2 ||y||^2 + <x, y>^2) / m
 
 A matrix parameter ``W`` (d_out, d_in) gets two hashes, one per axis; its flattened gradient is sketched with
 bucket ``(h_r(i) + h_c(j)) mod m`` and sign ``s_r(i) s_c(j)``. For a per-example gradient that is a sum of
@@ -15,27 +15,11 @@ which costs ``O(N m log m)`` per example instead of ``O(N d_out d_in)``, and nev
 layers the direct route (form ``G`` for a few examples at a time, scatter it into ``m`` buckets) is cheaper;
 both give the same numbers up to float rounding, so the choice is a cost model, not part of the sketch.
 
-**Layout: one block per matrix, vectors over all buckets.** The ``m`` buckets of a feature are split into
-consecutive, equal blocks, one per matrix parameter (:func:`block_sizes`); each matrix is TensorSketched into its
-own block of ``m_i`` buckets. Vector parameters (biases, norm gains: few coordinates, but in a transformer often a
-large share of the gradient energy, e.g. the residual-stream biases) are CountSketched over all ``m`` buckets. The
-result is a CountSketch of the concatenated gradient in which a matrix coordinate lands uniformly in its block and
-a vector coordinate uniformly anywhere; it is unbiased, and with
-``V(x, y; m) = (||x||^2 ||y||^2 + <x, y>^2 - 2 sum_i x_i^2 y_i^2) / m`` its variance is::
-
-    sum_i V(x_i, y_i; m_i) + V(x_v, y_v; m) + sum_i (||x_i||^2 ||y_v||^2 + ||x_v||^2 ||y_i||^2 + 2 <x_i, y_i><x_v, y_v>) / m
-
-(``i`` the matrices, ``v`` all vectors together; TensorSketch adds small rectangle terms). No matrix collides with
-another. Against one fused m-bucket sketch this trades cross terms for smaller blocks: with energy shares ``e_i``
-and block shares ``p_i`` the matrix part is ``sum_i e_i^2 / p_i`` times the fused one, equal to it where
-``p_i = e_i`` (the Cauchy-Schwarz optimum) and larger where the energy is concentrated in a few matrices. What
-blocks buy is speed: a matrix's FFT has length ``m_i``, not ``m`` (``m_i log m_i`` per token instead of
-``m log m``), and the direct kernel's scatter target fits in cache.
-
-Every parameter has its own hashes, derived from ``(seed, block size, parameter name, axis)`` by a counter-based
-hash (no global RNG state): two featurizers with the same seed, ``m`` and parameter layout make comparable
-features on any machine. ``groups`` splits the parameters into groups with an ``m``-vector each (blocks within
-it). Because every step is linear, ``sum_t sketch(phi_t) = sketch(sum_t phi_t)``: conservation holds exactly.
+Every parameter has its own hashes, derived from ``(seed, m, parameter name, axis)`` by a counter-based hash
+(no global RNG state): two featurizers with the same seed and parameter layout make comparable features on
+any machine. The sum of the per-parameter sketches is a sketch of the concatenated gradient, so one
+``m``-vector per (example, step) represents the whole parameter set; ``groups`` keeps groups apart instead.
+Because every step is linear, ``sum_t sketch(phi_t) = sketch(sum_t phi_t)``: conservation holds exactly.
 """
 
 from __future__ import annotations
@@ -64,7 +48,7 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 #: Block of per-example outer products formed at once by the direct kernel (float32 elements, ~1 MB).
 OUTER_BLOCK_ELEMENTS = 1 << 18
 
-HASH_VERSION = "splitmix64-v2-equal-blocks"
+HASH_VERSION = "splitmix64-v1"
 
 
 # ------------------------------------------------------------------------------------------ hashing
@@ -164,42 +148,8 @@ class TensorSketch:
 Spec = CountSketch | TensorSketch
 
 
-def smooth_floor(n: int) -> int:
-    """The largest ``k <= n`` whose prime factors are all in {2, 3, 5, 7}: FFT lengths that pocketfft and cuFFT
-    handle fast (a prime length like 4099 is ~6x slower than 4096, measured)."""
-    for k in range(n, 0, -1):
-        r = k
-        for p in (2, 3, 5, 7):
-            while r % p == 0:
-                r //= p
-        if r == 1:
-            return k
-    return 1
-
-
-def block_sizes(n_matrices: int, sketch_dim: int) -> list[int]:
-    """Bucket counts of the matrix blocks of one feature vector: ``sketch_dim // n_matrices`` each, rounded down
-    to an FFT-friendly length (:func:`smooth_floor`: a few percent at most) when 64 or more; the buckets this
-    leaves over are covered by the vector parameters only.
-
-    Equal blocks, not blocks proportional to size: how the gradient energy splits among a transformer's matrices
-    is not known before featurizing and does not follow their sizes (a trained d_model 64 looped GPT on variable
-    chains: attention v and o hold 70% of it with 17% of the matrix parameters, the 4x larger MLP matrices 3.5%).
-    With energy shares ``e_i`` and block shares ``p_i`` the variance is ``sum_i e_i^2 / p_i`` times the fused
-    sketch's; equal shares bound the worst case best (``max_i 1 / p_i`` is smallest) and cost 1.55x on that model
-    (blocks by size: 3.1x)."""
-    if sketch_dim < n_matrices:
-        raise ValueError(f"sketch_dim must be at least the number of matrix parameters it sketches ({n_matrices}), "
-                         f"got {sketch_dim}")
-    if n_matrices == 0:
-        return []
-    size = sketch_dim // n_matrices
-    return [smooth_floor(size) if size >= 64 else size] * n_matrices
-
-
 def sketch_spec(slot: ParamSlot, sketch_dim: int, seed: int) -> Spec:
-    """The hashes of one parameter into its block of ``sketch_dim`` buckets: a TensorSketch for a matrix, a
-    CountSketch of the flat vector otherwise."""
+    """The hashes of one parameter: a TensorSketch for a matrix, a CountSketch of the flat vector otherwise."""
     if len(slot.shape) == 2:
         rows = CountSketch.seeded(slot.shape[0], sketch_dim, seed, slot.name, "rows")
         cols = CountSketch.seeded(slot.shape[1], sketch_dim, seed, slot.name, "cols")
@@ -285,16 +235,14 @@ def embedding_sketch(target: torch.Tensor, ids: torch.Tensor, delta: torch.Tenso
 
 
 def choose_linear_kernel(n_out: int, n_in: int, n_tokens: int, sketch_dim: int) -> str:
-    """``"outer"`` or ``"fft"``: the cheaper kernel for one Linear weight (d_out, d_in) seen at ``n_tokens`` tokens,
-    sketched into its block of ``sketch_dim`` buckets.
+    """``"outer"`` or ``"fft"``: the cheaper kernel for one Linear weight (d_out, d_in) seen at ``n_tokens`` tokens.
 
-    A cost model per example, in ns on one CPU core, fitted to benchmarks (shapes 128..2048 x 128..512, N 16 and
-    64, blocks 336..5400; it picks the faster kernel or one within ~20% of it; GPUs agree in direction):
+    A cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction):
 
-    - outer: d_out * d_in scattered adds (~1.5 ns) plus N * d_out * d_in multiply-adds in a small GEMM (~0.025 ns);
-    - fft:   per token, two real FFTs of length m, their product and two CountSketches: ~1.4 ns * m log2 m.
+    - outer: d_out * d_in scattered adds (~1.8 ns) plus N * d_out * d_in multiply-adds in a small GEMM;
+    - fft:   2 N real FFTs of length m (~1 ns per m log2 m in context) plus 2 N scatters of d values.
     """
     m = sketch_dim
-    outer = n_out * n_in * (1.5 + 0.025 * n_tokens)
-    fft = n_tokens * 1.4 * m * math.log2(max(2, m))
+    outer = n_out * n_in * (1.8 + 0.08 * n_tokens)
+    fft = n_tokens * (m * math.log2(m) + 4.0 * (n_out + n_in))
     return "outer" if outer <= fft else "fft"
