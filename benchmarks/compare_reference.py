@@ -129,7 +129,7 @@ def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopw
     import sdi
     import sdi.influence as influence_module
 
-    if not hasattr(sdi, "StepInfluence"):
+    if not hasattr(sdi, "StepInfluence") or Path(sdi.__file__).resolve().parent != bm.REPO / "sdi":
         raise ImportError(f"'sdi' resolved to {sdi.__file__}, which is not this repository's package")
     watch = Stopwatch(influence_module.batch_features, device)
     influence_module.batch_features = watch
@@ -219,7 +219,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-train", type=int, default=1024, help="training examples (256..8192)")
     p.add_argument("--n-query", type=int, default=16)
     p.add_argument("--tau", type=int, default=6, help="loop iterations (4..32)")
-    p.add_argument("--d-model", type=int, default=128, help="64..512 (n_heads = d_model // 32, d_mlp = 4 d_model)")
+    p.add_argument("--d-model", type=int, default=128, help="64..512 (d_mlp = 4 d_model)")
+    p.add_argument("--n-heads", type=int, default=None, help="attention heads (default d_model // 32)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="parity only: sequence length (n_bits = seq_len - 1; default 9)")
     p.add_argument("--k", type=int, default=3, help="checkpoints")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--task", choices=("chains", "parity", "addition"), default="chains")
@@ -248,25 +251,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("n_train", "n_query", "tau", "d_model", "k", "batch_size", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.d_model % 32:
-        p.error("--d-model must be a multiple of 32 (heads of width 32)")
+    args.n_heads = args.n_heads or args.d_model // 32
+    if args.n_heads < 1 or args.d_model % args.n_heads:
+        p.error("--d-model must be a multiple of --n-heads (default heads of width 32)")
+    if args.seq_len is not None and (args.task != "parity" or args.seq_len < 3):
+        p.error("--seq-len applies to --task parity and must be >= 3")
     if any(m < 1 for m in args.sketch_m + args.ref_m):
         p.error("sketch sizes must be >= 1")
     return args
 
 
 def config_tag(args: argparse.Namespace) -> str:
+    seq = "" if args.seq_len is None else f"_seq{args.seq_len}"
     return ("quick" if args.quick else
-            f"{args.task}_n{args.n_train}_q{args.n_query}_tau{args.tau}_d{args.d_model}_k{args.k}_b{args.batch_size}")
+            f"{args.task}{seq}_n{args.n_train}_q{args.n_query}_tau{args.tau}_d{args.d_model}_k{args.k}_b{args.batch_size}")
 
 
-def make_data(task: str, n: int, seed: int):
+def make_data(task: str, n: int, seed: int, seq_len: int | None = None):
     from sdi import tasks
 
     if task == "chains":
         return tasks.variable_chains(n, seed=seed)
     if task == "parity":
-        return tasks.parity(n, n_bits=8, seed=seed)
+        return tasks.parity(n, n_bits=(seq_len or 9) - 1, seed=seed)
     return tasks.addition(n, seed=seed)
 
 
@@ -274,14 +281,15 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     """Data, a briefly trained model and its K checkpoints, written to ``workdir``; returns the spec."""
     import sdi
 
-    train_data = make_data(args.task, args.n_train, seed=1)
-    query_data = make_data(args.task, args.n_query, seed=2)
+    train_data = make_data(args.task, args.n_train, seed=1, seq_len=args.seq_len)
+    query_data = make_data(args.task, args.n_query, seed=2, seq_len=args.seq_len)
     model_config = sdi.LoopedGPTConfig(vocab_size=train_data.tokenizer.vocab_size, block_size=train_data.seq_len,
-                                       d_model=args.d_model, n_heads=args.d_model // 32, n_loops=args.tau).to_dict()
-    model = bm.build_model(model_config)
+                                       d_model=args.d_model, n_heads=args.n_heads, n_loops=args.tau).to_dict()
+    model = bm.build_model(model_config).to(args.device)        # train where the methods run (the GPU script)
     config = sdi.TrainConfig(steps=args.train_steps, batch_size=64, lr=3e-3, warmup_steps=max(1, args.train_steps // 5),
                              n_checkpoints=args.k, seed=0)
-    trained = sdi.train.train(model, train_data, config, checkpoint_dir=workdir / "checkpoints", progress=False)
+    trained = sdi.train.train(model, train_data.to(args.device), config, checkpoint_dir=workdir / "checkpoints",
+                              progress=False)
     tensors = {"train_tokens": train_data.tokens, "train_targets": train_data.targets,
                "query_tokens": query_data.tokens, "query_targets": query_data.targets}
     torch.save(tensors, workdir / "data.pt")
@@ -314,6 +322,8 @@ def run_worker(args, workdir: Path, method: str, m: int | None) -> dict:
     tag = method if m is None else f"{method}_{m}"
     python = args.ref_python if method in REF else sys.executable
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the reference must not see our `sdi`
+    if method not in REF:  # ours: this checkout's `sdi`, not whatever an installed copy points at
+        env["PYTHONPATH"] = str(bm.REPO)
     env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     cmd = [python, str(Path(__file__).resolve()), "--worker", method, "--workdir", str(workdir), "--tag", tag]
     if m is not None:
@@ -334,20 +344,17 @@ def run_worker(args, workdir: Path, method: str, m: int | None) -> dict:
 
 
 def accuracy(estimate: torch.Tensor, exact: torch.Tensor, k: int = TOP_K) -> dict[str, float]:
-    """Agreement of an (N, Q, T) SDI estimate with the exact one.
+    """Agreement of an (N, Q, T) SDI estimate with the exact one, by the library's one definition of each metric
+    (:mod:`sdi.metrics`): relative Frobenius error over the whole tensor; Pearson, Spearman and top-k overlap of
+    the k strongest proponents per (query, step) over the N training examples, averaged (and their minimum)."""
+    from sdi import metrics
 
-    rel_err: ||est - exact||_F / ||exact||_F over the whole tensor; pearson and top-k overlap are computed per
-    (query, step) over the N training examples and averaged; topk uses the k largest (proponents).
-    """
-    e, x = estimate.double().flatten(1), exact.double().flatten(1)  # (N, Q*T)
-    rel = float((e - x).norm() / x.norm())
-    ec, xc = e - e.mean(0), x - x.mean(0)
-    pearson = (ec * xc).sum(0) / (ec.norm(dim=0) * xc.norm(dim=0)).clamp_min(1e-300)
-    k = min(k, x.shape[0])
-    top_e, top_x = e.topk(k, dim=0).indices, x.topk(k, dim=0).indices  # (k, Q*T)
-    overlap = [len(set(top_e[:, j].tolist()) & set(top_x[:, j].tolist())) / k for j in range(x.shape[1])]
-    return {"rel_err": rel, "pearson": float(pearson.mean()), "pearson_min": float(pearson.min()),
-            f"top{k}": sum(overlap) / len(overlap), f"top{k}_min": min(overlap)}
+    k = min(k, exact.shape[0])
+    pearson, spearman = metrics.pearson(estimate, exact), metrics.spearman(estimate, exact)
+    overlap = metrics.top_k_overlap(estimate, exact, k)
+    return {"rel_err": metrics.relative_error(estimate, exact), "pearson": float(pearson.mean()),
+            "pearson_min": float(pearson.min()), "spearman": float(spearman.mean()),
+            f"top{k}": float(overlap.mean()), f"top{k}_min": float(overlap.min())}
 
 
 def add_accuracy(results: list[dict]) -> str | None:
@@ -431,9 +438,13 @@ def ratios(results: list[dict]) -> dict[str, Any]:
                          / max(1e-9, ref["peak_rss_mb"] - ref["base_rss_mb"]))
         matched.append(entry)
     out["sketch_vs_ref_projected"] = matched
-    # 2. featurization vs the plain forward + backward floor
+    # 2. featurization and the whole computation vs the plain forward + backward floor (time and peak memory)
     if plain:
         out["sketch_featurize_over_plain"] = {s["m"]: time_ratio(s, plain[0], "featurize") for s in sketches}
+        out["sketch_total_over_plain"] = {s["m"]: time_ratio(s, plain[0], "total") for s in sketches}
+        out["sketch_memory_over_plain"] = {s["m"]: s["peak_rss_mb"] / plain[0]["peak_rss_mb"] for s in sketches}
+        out["ref_total_over_plain"] = {r["m"]: time_ratio(r, plain[0], "total") for r in projected}
+        out["ref_memory_over_plain"] = {r["m"]: r["peak_rss_mb"] / plain[0]["peak_rss_mb"] for r in projected}
         if ours_exact:
             out["exact_featurize_over_plain"] = time_ratio(ours_exact[0], plain[0], "featurize")
     # 3. exact path vs the reference's exact path
@@ -462,8 +473,13 @@ def ratio_report(r: dict[str, Any]) -> str:
             lines.append(head + f"cheapest ours_sketch at <= error is m={e['ours_m']}: total time ratio "
                          f"{fmt_ratio(e['time_ratio'])} (target <= 0.33), peak RSS ratio {e['memory_ratio']:.2f} "
                          f"(target <= 0.33; above-baseline ratio {e['memory_delta_ratio']:.2f})")
-    for m, v in r.get("sketch_featurize_over_plain", {}).items():
-        lines.append(f"- ours_sketch m={m} featurization / plain fwd+bwd: {fmt_ratio(v)} (target <= 2)")
+    for m, v in r.get("sketch_total_over_plain", {}).items():
+        lines.append(f"- ours_sketch m={m} whole influence / plain fwd+bwd: {fmt_ratio(v)} (target <= 1.15 at "
+                     f"d >= 256, <= 1.6 at d 128); peak RSS / plain {r['sketch_memory_over_plain'][m]:.2f} "
+                     "(target <= 1.25)")
+    for m, v in r.get("ref_total_over_plain", {}).items():
+        lines.append(f"- ref_projected m={m} whole influence / plain fwd+bwd: {fmt_ratio(v)}; peak RSS / plain "
+                     f"{r['ref_memory_over_plain'][m]:.2f}")
     if "exact_featurize_over_plain" in r:
         lines.append(f"- ours_exact featurization / plain fwd+bwd: {fmt_ratio(r['exact_featurize_over_plain'])}")
     if "exact_time_ratio" in r:
@@ -522,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy_reference = add_accuracy(results)
     rat = ratios(results)
     print(f"\nconfig: task={args.task} N_train={args.n_train} queries={args.n_query} tau={args.tau} "
-          f"d_model={args.d_model} K={args.k} batch={args.batch_size} seq_len={spec['seq_len']} "
+          f"d_model={args.d_model} heads={args.n_heads} K={args.k} batch={args.batch_size} seq_len={spec['seq_len']} "
           f"loop tensors={n_tensors} loop params={n_params:,} threads={args.threads} device={args.device}")
     print(f"accuracy against: {accuracy_reference or 'no exact run'}; load average at start "
           f"{load_start[0]:.1f}, at end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")

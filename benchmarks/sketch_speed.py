@@ -12,6 +12,10 @@ process (steadier than wall time on a shared machine) and wall seconds:
 
     python benchmarks/sketch_speed.py                          # N 256, tau 8, d_model 128, chains
     python benchmarks/sketch_speed.py --d-model 64 --m 4096 32768
+    python benchmarks/sketch_speed.py --seq-len 64 --d-model 512 --n-heads 8 --m 8192 --thread-scaling 1 2
+
+``--thread-scaling 1 2`` measures, instead, the wall seconds of the sketch kernels alone (and of the plain pass)
+with one and with two torch threads, and prints the speedup.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from typing import Callable
 import torch
 
 import sdi
-from sdi.features import ExactFeaturizer, batch_features
+from sdi.features import batch_features
+from sdi.featurizers import ExactFeaturizer, SketchFeaturizer
 from sdi.files import atomic_write
-from sdi.sketch import DEFAULT_SKETCH_DIM, SketchFeaturizer
-from sdi.tasks import loss_fn, variable_chains
+from sdi.sketch import DEFAULT_SKETCH_DIM
+from sdi.tasks import loss_fn, parity, variable_chains
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -58,13 +63,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-exact", action="store_true")
+    ap.add_argument("--seq-len", type=int, default=None, help="parity of seq_len - 1 bits instead of the chains")
+    ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--thread-scaling", nargs="+", type=int, default=None, metavar="THREADS",
+                    help="wall time of the kernels alone at each thread count (e.g. 1 2)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    data = variable_chains(args.n, n_statements=6, max_hops=3, seed=0)
+    data = (variable_chains(args.n, n_statements=6, max_hops=3, seed=0) if args.seq_len is None else
+            parity(args.n, n_bits=args.seq_len - 1, seed=0))
     cfg = sdi.LoopedGPTConfig(vocab_size=len(data.tokenizer.symbols), block_size=data.seq_len,
-                              d_model=args.d_model, n_heads=4, n_loops=args.tau)
+                              d_model=args.d_model, n_heads=args.n_heads, n_loops=args.tau)
     model = sdi.LoopedGPT(cfg, seed=0).eval()
     batches = data.batches(args.batch_size)
     attr = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=None, progress=False)
@@ -96,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
                 featurizer.featurize(cap, torch.zeros(B, cap.n_steps, *featurizer.feature_shape))
         return run
 
+    if args.thread_scaling:
+        return thread_scaling(args, plain, kernels_only, attr)
     rows = []
     cpu0, wall0 = best_of(plain, args.repeats)
     rows.append({"method": "plain forward+backward", "cpu_s": cpu0, "wall_s": wall0})
@@ -124,6 +136,32 @@ def main(argv: list[str] | None = None) -> dict:
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()}}
     out = args.out or RESULTS / f"sketch_speed_n{args.n}_tau{args.tau}_d{args.d_model}.json"
+    atomic_write(out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+    return payload
+
+
+def thread_scaling(args, plain, kernels_only, attr) -> dict:
+    """Wall seconds of the plain pass and of the sketch kernels alone at each thread count; speedups vs the first."""
+    rows = []
+    for m in args.m:
+        kernels = kernels_only(SketchFeaturizer(attr.slots, m, leaves=attr.leaves))
+        for threads in args.thread_scaling:
+            torch.set_num_threads(threads)
+            rows.append({"m": m, "threads": threads, "plain_wall_s": best_of(plain, args.repeats)[1],
+                         "kernel_wall_s": best_of(kernels, args.repeats)[1]})
+    torch.set_num_threads(args.threads)
+    print(f"\nN {args.n}, tau {args.tau}, d_model {args.d_model}, seq {args.seq_len or 'chains'}; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    print("| m | threads | plain wall s | speedup | kernels wall s | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        base = next(b for b in rows if b["m"] == r["m"])
+        print(f"| {r['m']} | {r['threads']} | {r['plain_wall_s']:.2f} | {base['plain_wall_s'] / r['plain_wall_s']:.2f} "
+              f"| {r['kernel_wall_s']:.2f} | {base['kernel_wall_s'] / r['kernel_wall_s']:.2f} |")
+    payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows,
+               "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                           "load_average": os.getloadavg()}}
+    out = args.out or RESULTS / f"sketch_threads_d{args.d_model}_seq{args.seq_len or 'chains'}.json"
     atomic_write(out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
     return payload
 

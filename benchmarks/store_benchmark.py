@@ -105,7 +105,9 @@ def phase_query(args) -> dict:
 def phase_real(args) -> dict:
     """Train a small model briefly, featurize its train set (timed), compare fp16/bf16 storage with fp32 on SDI."""
     import sdi
+    from sdi import metrics
     from sdi import store as S
+    from sdi.featurize import featurize, query_features
     from sdi.tasks import loss_fn, parity
 
     train = parity(args.real_n, n_bits=8, seed=0, curriculum=True)
@@ -119,7 +121,7 @@ def phase_real(args) -> dict:
     attr = sdi.StepInfluence(model, loop=model.block, loss_fn=loss_fn, sketch_dim=args.sketch_dim, progress=False)
     root = Path(args.store)
     t0 = time.perf_counter()
-    f32 = S.featurize(root / "float32", attr, train, run.checkpoints, chunk_size=args.real_chunk_size,
+    f32 = featurize(root / "float32", attr, train, run.checkpoints, chunk_size=args.real_chunk_size,
                       batch_size=64, progress=False)
     featurize_s = time.perf_counter() - t0
     # the store's own cost (read + CRC check + convert + CRC + write + fsync), without featurization: rewrite the
@@ -137,27 +139,20 @@ def phase_real(args) -> dict:
                 S.write_chunk(out, k, i, (a, b), f32.read_chunk(k, i), losses[a:b], dtype, "copied")
         stores[dtype] = S.finalize_store(out)
     rewrite_s = (time.perf_counter() - t0) / 2
-    queries = S.query_features(attr, run.checkpoints, query.batches(64), store=f32)
+    queries = query_features(attr, run.checkpoints, query.batches(64), store=f32)
     ref = f32.influence(queries, progress=False)
     errors = {}
     for dtype in ("float16", "bfloat16"):
         res = stores[dtype].influence(queries, progress=False)
-        rel = float((res.sdi - ref.sdi).norm() / ref.sdi.norm())
+        rel = metrics.relative_error(res.sdi, ref.sdi)
         max_rel = float((res.sdi - ref.sdi).abs().max() / ref.sdi.abs().max())
-        overlap = top_overlap(res.sdi, ref.sdi, 10)
-        errors[dtype] = {"sdi_rel_frobenius": rel, "sdi_max_abs_over_max": max_rel, "top10_overlap_mean": overlap[0],
-                         "top10_overlap_min": overlap[1], "store_bytes": stores[dtype].nbytes}
+        overlap = metrics.top_k_overlap(res.sdi, ref.sdi, 10)                     # (Q, T)
+        errors[dtype] = {"sdi_rel_frobenius": rel, "sdi_max_abs_over_max": max_rel,
+                         "top10_overlap_mean": float(overlap.mean()), "top10_overlap_min": float(overlap.min()),
+                         "store_bytes": stores[dtype].nbytes}
     return {"n": args.real_n, "d_model": 64, "n_params": attr.n_params, "checkpoints": f32.n_checkpoints,
             "train_s": train_s, "featurize_s": featurize_s, "store_rewrite_s": rewrite_s,
             "float32_bytes": f32.nbytes, "errors": errors, "peak_rss_mb": peak_rss_mb()}
-
-
-def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int) -> tuple[float, float]:
-    """Mean and min over (query, step) of |top-k(a) & top-k(b)| / k; a, b: (N, Q, T)."""
-    ta = a.topk(k, dim=0).indices.permute(1, 2, 0).reshape(-1, k)
-    tb = b.topk(k, dim=0).indices.permute(1, 2, 0).reshape(-1, k)
-    ov = torch.tensor([len(set(x.tolist()) & set(y.tolist())) / k for x, y in zip(ta, tb)])
-    return float(ov.mean()), float(ov.min())
 
 
 PHASES = {"baseline": phase_baseline, "write": phase_write, "query": phase_query, "real": phase_real}
