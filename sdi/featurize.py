@@ -251,7 +251,7 @@ def _reusable(root: Path, k: int, i: int, manifest: dict, dtype: str, digest: st
 
 
 def check_training_data(store: FeatureStore, data: Any) -> None:
-    """Raise :class:`~sdi.store.StoreMismatchError` unless ``data`` holds the examples the store was made from.
+    """Raise :class:`~sdi.storage.StoreMismatchError` unless ``data`` holds the examples the store was made from.
 
     ``data`` is cut into the store's chunks and batches exactly as :func:`featurize` cut it, and each chunk's
     digest is compared with the one in its record: a changed seed, order or label is caught, chunk by chunk.

@@ -38,7 +38,7 @@ def rank_colors(k: int, sign: str) -> list[str]:
 
 
 def diverging_colors(values: np.ndarray, vmax: float) -> np.ndarray:
-    """CSS colours for ``values`` in [-vmax, vmax] (any shape): green (+) or red (-), opacity = |value| / vmax.
+    """CSS colours for ``values`` in [-vmax, vmax] (any shape): green (+) or red (-), opacity = ``|value| / vmax``.
 
     Zero is transparent, so the map sits on the page's own background in light and dark themes alike.
     """
