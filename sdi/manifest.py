@@ -154,10 +154,15 @@ def store_files(root: Path) -> list[Path]:
     return out
 
 
+#: ``.<name>.<pid>.<hex>.tmp``: the temporary name :func:`sdi.files.atomic_write` gives a file it is writing.
+WRITER_TEMPORARY = re.compile(r"^\..+\.\d+(\.[0-9a-f]+)?\.tmp$")  # (older writers: no hex part)
+
+
 def remove_temporaries(root: Path) -> None:
     """Remove the ``.*.tmp`` files killed writers left in the store (call only while holding its lock)."""
     for tmp in [*root.glob(".*.tmp"), *root.glob("ckpt_*/.*.tmp")]:
-        tmp.unlink(missing_ok=True)
+        if WRITER_TEMPORARY.match(tmp.name):     # only sdi.files.atomic_write's names, never a user's .tmp file
+            tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ manifest
