@@ -91,6 +91,28 @@ print("ipywidgets", ipywidgets.__version__)
 """
 
 
+# Notebook 6's widget manager, once created, asks the kernel for the widgets that already exist (a control comm,
+# then, since the kernel has not imported ipywidgets yet, a comm_info request) and builds a model for each. If the
+# cells run before that reply, their widgets are listed in it and built a second time, and the views end up bound
+# to the copies that get no updates: an empty table, a slider that does not follow. A person opening a notebook
+# never clicks that fast; the test waits for the reply, seen on the kernel's websocket.
+RECORD_KERNEL_MESSAGES = """
+window.sdiKernelMessages = [];
+const sdiSocketOpen = window.WebSocket;
+window.WebSocket = function (...args) {
+  const socket = new sdiSocketOpen(...args);
+  socket.addEventListener("message", (event) => {
+    if (typeof event.data === "string") {
+      try { window.sdiKernelMessages.push(JSON.parse(event.data).header.msg_type); } catch (e) {}
+    }
+  });
+  return socket;
+};
+window.WebSocket.prototype = sdiSocketOpen.prototype;
+Object.assign(window.WebSocket, {CONNECTING: 0, OPEN: 1, CLOSING: 2, CLOSED: 3});
+"""
+
+
 def scores():
     import torch
 
@@ -158,13 +180,16 @@ def test_explorer_plays_in_notebook6_with_ipywidgets_7(notebook_server):
         page.route("**/*", lambda r: r.continue_() if r.request.url.startswith(base)
                    else (blocked.append(r.request.url), r.abort()))
         try:
+            page.add_init_script(RECORD_KERNEL_MESSAGES)
             page.goto(f"{base}/notebooks/explorer.ipynb?token={token}")
             page.wait_for_function("window.Jupyter && Jupyter.notebook && Jupyter.notebook.kernel "
                                    "&& Jupyter.notebook.kernel.is_connected()", timeout=60_000)
+            # Run the cells only once the widget manager has asked the kernel which widgets exist (see above)
+            page.wait_for_function("window.sdiKernelMessages.includes('comm_info_reply')", timeout=60_000)
             page.evaluate("Jupyter.notebook.execute_all_cells()")
             root = page.locator(".sdi-x")
             rows = root.locator("table.sdi-top tr[data-train-index]")
-            rows.first.wait_for(timeout=180_000)             # the kernel trains nothing, but a loaded CI box is slow
+            rows.first.wait_for(timeout=60_000)
             shown = lambda: [int(x) for x in rows.evaluate_all("rs => rs.map(r => r.dataset.trainIndex)")]
             caption = root.locator("[data-role=caption]")
             assert "ipywidgets 7.7.1" in page.locator(".output_text").first.inner_text()
