@@ -43,8 +43,8 @@ class Plan(list):
         rows = [("parameter", "module type", "kind", "native", "why generic")] + \
             [(e.param, e.module_type, e.kind, "yes" if e.native else "no", e.reason) for e in self]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + ("  " + r[4] if r[4] else "")
-                         for r in rows).rstrip()
+        return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4]).rstrip()
+                         for r in rows)
 
 
 def make_plan(slots: list[ParamSlot], leaves: dict[str, nn.Module]) -> Plan:
