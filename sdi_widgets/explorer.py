@@ -14,6 +14,11 @@ and Colab (ipywidgets 7.7.1). It never computes gradients: every ranking is prec
 A kernel-less snapshot of the widget (a notebook saved with its widget state, as in the book) cannot follow
 its slider; in a Jupyter Book page it says so and greys out its controls (``.cell_output`` CSS), and the
 static export (:func:`~sdi_widgets.static.render_html`) is the interactive version without a kernel.
+
+One front-end race to know of, in Notebook 6 with ipywidgets 7 (any widget, not only this one): cells run in the
+first instant after the notebook opens, before its widget manager has asked the kernel which widgets exist, can
+have their widgets built twice, and the view shows the copy that gets no updates (an empty table, a slider that
+does not follow). Running the cell again fixes it; ``tests/test_explorer_ipywidgets7.py`` waits for the manager.
 """
 
 from __future__ import annotations
