@@ -192,17 +192,21 @@ def _prepare_out(out: Path, overwrite: bool, planned: list[str]) -> None:
         raise RunError(f"{out / clash[0]} exists and was not written by sdi; move it or choose another --out")
     if spec is None:
         return
-    for rel in spec.get("stores", []):
-        root = out / rel
+    for root in _ledger_paths(out, spec, "stores"):
         for f in store_files(root):
             f.unlink(missing_ok=True)
         for d in sorted(root.glob("ckpt_*")) + [root]:
             _rmdir_if_empty(d)
-    for rel in spec.get("written", []):
-        if (out / rel).is_file() and _relative(out, out / rel) is not None:
-            (out / rel).unlink()
+    for path in _ledger_paths(out, spec, "written"):
+        if path.is_file():
+            path.unlink()
     _rmdir_if_empty(out / "checkpoints")
     (out / RUN_FILE).unlink()
+
+
+def _ledger_paths(out: Path, spec: dict, key: str) -> list[Path]:
+    """The ledger's ``key`` entries that lie inside ``out`` (a hand-edited entry pointing outside is ignored)."""
+    return [out / rel for rel in spec.get(key, []) if _relative(out, out / rel) is not None]
 
 
 def _rmdir_if_empty(path: Path) -> None:

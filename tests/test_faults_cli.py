@@ -86,6 +86,22 @@ def test_train_refuses_a_users_folder_and_overwrite_keeps_the_users_files(tmp_pa
                                                                       "my_model.pt"]
 
 
+def test_overwrite_ignores_ledger_entries_outside_out(env, tmp_path, capsys):
+    """A hand-edited run.json naming a store or file outside --out: --overwrite removes nothing there."""
+    out = copy_run(env, tmp_path)
+    outside = tmp_path / "elsewhere"
+    shutil.copytree(env["run"].store_dir, outside / "store")   # store-named files a glob would match
+    (outside / "notes.txt").write_bytes(b"mine")
+    before = sorted(str(p.relative_to(outside)) for p in outside.rglob("*"))
+    spec = json.loads((out / "run.json").read_text())
+    spec["stores"] = spec.get("stores", []) + ["../elsewhere/store"]
+    spec["written"] = spec.get("written", []) + ["../elsewhere/notes.txt"]
+    (out / "run.json").write_text(json.dumps(spec))
+    assert cli.main(["train", "--out", str(out), "--overwrite", *CLI_TINY]) == 0
+    assert sorted(str(p.relative_to(outside)) for p in outside.rglob("*")) == before
+    assert (outside / "notes.txt").read_bytes() == b"mine"
+
+
 def test_demo_leaves_the_users_files_alone(tmp_path, capsys):
     out = tmp_path / "myproject"
     mine = user_files(out)
