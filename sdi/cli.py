@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -152,6 +153,9 @@ def influence_command(args: argparse.Namespace) -> Path:
                 f"{result.conservation_error():.1e}")
     else:
         what = f"streaming top-{result.k} per (query, step)"
+    if "predicted_relative_error" in result.meta:
+        what += (f"; predicted relative error of the top-10 TracIn scores "
+                 f"{result.meta['predicted_relative_error']:.3f}")
     print(f"influence of {len(result.meta['train_texts'])} training examples on "
           f"{len(result.meta['query_texts'])} queries ({what}) -> {out}")
     return out
@@ -308,7 +312,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sdi`` command; returns the exit code (0 success, 1 failure, 2 usage error)."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with warnings.catch_warnings():             # a warning is one line, like an error, not a source excerpt
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"sdi {args.command}: warning: {str(message).removeprefix('sdi: ')}", file=sys.stderr)
+            args.func(args)
     except KeyboardInterrupt:
         print(f"sdi {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 1

@@ -22,12 +22,11 @@ from .featurizers import ExactFeaturizer, Featurizer, GroupSpec, SketchFeaturize
 from .features import StepFeatures, batch_features
 from .plan import Plan, generic_warning, make_plan
 from .progress import progress_bar
-from .results import InfluenceResult, StreamTopK
+from .results import InfluenceResult, StreamTopK, warn_if_sketch_too_small
 from .scoring import QueryBlock, ScoreCollector, score_block, self_scores, sum_checkpoints
 from .sketch import DEFAULT_SKETCH_DIM
 
 #: A sketched in-memory run warns when the predicted relative error of its top scores exceeds this.
-PREDICTED_ERROR_WARNING = 0.1
 MAX_SKETCH_DIM = 2**24  # m floats per (example, step): 64 MiB each at this width; wider is a typo, not a plan
 
 
@@ -234,15 +233,7 @@ class StepInfluence:
             meta={"fingerprint": self.fingerprint(), "sketch_dim": self.sketch_dim, "seed": self.seed,
                   "checkpoints": [r.name for r in walk.refs], "n_params": self.n_params},
             sdi_se=totals["sdi_se"], train_sdi_se=totals["train_sdi_se"], tracin_se=totals["tracin_se"])
-        if res.tracin_se is not None:
-            rel = res.predicted_relative_error()
-            res.meta["predicted_relative_error"] = rel
-            if rel > PREDICTED_ERROR_WARNING:
-                warnings.warn(f"sdi: the sketch is too small for this model: the predicted relative error of the "
-                              f"top-10 TracIn scores is {rel:.2f} (median over queries; res.top_k(..., se=True) "
-                              f"shows each score's standard error). Use a larger sketch_dim (now "
-                              f"{self.sketch_dim}; the error falls as 1/sqrt(sketch_dim)) or sketch_dim=None for "
-                              "exact scores", stacklevel=3)
+        warn_if_sketch_too_small(res, self.sketch_dim, stacklevel=3)
         return res
 
     def self_influence(self, batches: Iterable, checkpoints: Sequence[CheckpointSpec] | None = None) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,6 +68,31 @@ def merge_top_k(best_val: torch.Tensor | None, best_idx: torch.Tensor | None, va
         cand_val, cand_idx = torch.cat([best_val, cand_val], -1), torch.cat([best_idx, cand_idx], -1)
     order = torch.sort(cand_val, dim=-1, descending=True, stable=True).indices[:, :k]
     return cand_val.gather(-1, order), cand_idx.gather(-1, order)
+
+
+PREDICTED_ERROR_WARNING = 0.1
+"""Warn when the median predicted relative error of the top-10 TracIn scores exceeds this (10%)."""
+
+
+def _median_relative_error(scores: torch.Tensor, se: torch.Tensor) -> float:
+    """Median over queries of the median ``se / |score|`` of each query's row: scores, se (Q, k)."""
+    rel = se / scores.abs().clamp_min(1e-30)
+    return float(rel.median(dim=1).values.median())
+
+
+def warn_if_sketch_too_small(result: "InfluenceResult | StreamTopK", sketch_dim: int | None,
+                             stacklevel: int = 2) -> None:
+    """Record ``predicted_relative_error`` in ``result.meta`` and warn when it exceeds
+    :data:`PREDICTED_ERROR_WARNING` (sketched results with standard errors only; others pass through)."""
+    if result.tracin_se is None:
+        return
+    rel = result.predicted_relative_error()
+    result.meta["predicted_relative_error"] = rel
+    if rel > PREDICTED_ERROR_WARNING:
+        warnings.warn(f"sdi: the sketch is too small for this model: the predicted relative error of the top-10 "
+                      f"TracIn scores is {rel:.2f} (median over queries; top_k(..., se=True) shows each score's "
+                      f"standard error). Use a larger sketch_dim (now {sketch_dim}; the error falls as "
+                      "1/sqrt(sketch_dim)) or sketch_dim=None for exact scores", stacklevel=stacklevel + 1)
 
 
 def _check_index(name: str, value: Any, size: int) -> int:
@@ -166,8 +192,7 @@ class InfluenceResult:
     def standard_errors(self, query: int, step: int | None = None, checkpoint: int | None = None) -> torch.Tensor:
         """(N,) estimated standard error of :meth:`scores` ``(query, step)`` — sketched results only."""
         if self.sdi_se is None or self.tracin_se is None:
-            raise ValueError("this result carries no standard errors: exact scores have none, and sketched ones "
-                             "get them from StepInfluence.influence() in memory")
+            raise ValueError("this result carries no standard errors: exact scores (sketch_dim=None) have none")
         if checkpoint is not None:
             raise ValueError("standard errors are kept for the scores summed over checkpoints only")
         _check_index("query", query, self.n_query)
@@ -182,8 +207,7 @@ class InfluenceResult:
             raise ValueError("this result carries no standard errors (exact scores have none)")
         k = min(k, self.n_train)
         vals, idx = stable_top_k(self.tracin.T, k)                          # (Q, k)
-        rel = self.tracin_se.T.gather(1, idx) / vals.abs().clamp_min(1e-30)
-        return float(rel.median(dim=1).values.median())
+        return _median_relative_error(vals, self.tracin_se.T.gather(1, idx))
 
     def conservation_error(self) -> float:
         """``max |sum_t SDI_t - TracIn| / max |TracIn|`` (0 up to rounding)."""
@@ -232,6 +256,8 @@ class StreamTopK:
         sdi_opp_indices / sdi_opp_scores:   (Q, T_query, k) opponents (most negative first)
         tracin_indices / tracin_scores:     (Q, k) by TracIn;  tracin_opp_indices / tracin_opp_scores likewise
         query_losses: (K, Q);  meta: plain JSON (featurizer fingerprint, checkpoints, ...)
+        sdi_se, sdi_opp_se, tracin_se, tracin_opp_se: sketched results only (else None), shaped as the scores
+                        beside them — each kept score's estimated standard error (sdi.scoring explains it)
     """
 
     sdi_indices: torch.Tensor
@@ -244,9 +270,14 @@ class StreamTopK:
     tracin_opp_scores: torch.Tensor
     query_losses: torch.Tensor
     meta: dict[str, Any] = field(default_factory=dict)
+    sdi_se: torch.Tensor | None = None
+    sdi_opp_se: torch.Tensor | None = None
+    tracin_se: torch.Tensor | None = None
+    tracin_opp_se: torch.Tensor | None = None
 
     ARRAYS = ("sdi_indices", "sdi_scores", "sdi_opp_indices", "sdi_opp_scores", "tracin_indices", "tracin_scores",
               "tracin_opp_indices", "tracin_opp_scores", "query_losses")
+    ERRORS = ("sdi_se", "sdi_opp_se", "tracin_se", "tracin_opp_se")
 
     @property
     def k(self) -> int:
@@ -262,7 +293,7 @@ class StreamTopK:
         return self.sdi_indices.shape[1]
 
     def top_k(self, query: int, step: int | None = None, k: int | None = None, opponents: bool = False,
-              checkpoint: int | None = None) -> TopK:
+              checkpoint: int | None = None, se: bool = False) -> TopK | TopKWithErrors:
         """As :meth:`InfluenceResult.top_k`; ``k`` defaults to (and may not exceed) the ``k`` kept."""
         if checkpoint is not None:
             raise ValueError("a streaming top-k keeps rankings summed over checkpoints only; compute a full "
@@ -271,24 +302,33 @@ class StreamTopK:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.k:
             raise ValueError(f"k must be an int in [1, {self.k}] (the k this top-k result kept), got {k!r}")
         _check_index("query", query, self.n_query)
-        if step is None:
-            idx, val = (self.tracin_opp_indices, self.tracin_opp_scores) if opponents else \
-                (self.tracin_indices, self.tracin_scores)
-            return TopK(idx[query, :k], val[query, :k])
-        _check_index("step", step, self.n_steps)
-        idx, val = (self.sdi_opp_indices, self.sdi_opp_scores) if opponents else (self.sdi_indices, self.sdi_scores)
-        return TopK(idx[query, step, :k], val[query, step, :k])
+        name = ("tracin" if step is None else "sdi") + ("_opp" if opponents else "")
+        where = (query,) if step is None else (query, _check_index("step", step, self.n_steps))
+        idx, val = getattr(self, name + "_indices")[where][:k], getattr(self, name + "_scores")[where][:k]
+        if not se:
+            return TopK(idx, val)
+        if getattr(self, name + "_se") is None:
+            raise ValueError("this result carries no standard errors: exact scores (sketch_dim=None) have none")
+        return TopKWithErrors(idx, val, getattr(self, name + "_se")[where][:k])
+
+    def predicted_relative_error(self, k: int = 10) -> float:
+        """As :meth:`InfluenceResult.predicted_relative_error`, from the kept top-``k`` TracIn proponents."""
+        if self.tracin_se is None:
+            raise ValueError("this result carries no standard errors (exact scores have none)")
+        k = min(k, self.k)
+        return _median_relative_error(self.tracin_scores[:, :k], self.tracin_se[:, :k])
 
     @classmethod
     def from_result(cls, res: InfluenceResult, k: int) -> "StreamTopK":
         """The top-k of a full result (identical to what a streaming pass over the same scores keeps)."""
         top = TopKStream(k, res.n_query, res.n_steps)
-        top.add(0, res.sdi, res.tracin)
+        top.add(0, res.sdi, res.tracin, res.sdi_se, res.tracin_se)
         return top.result(res.query_losses, dict(res.meta))
 
     def save(self, path: str | os.PathLike) -> Path:
         """An ``.npz`` of the arrays above plus ``meta`` (a JSON string); ``kind`` = ``"sdi-topk"``."""
-        return _save_npz(path, {k: getattr(self, k).numpy() for k in self.ARRAYS}, {**self.meta, "kind": "sdi-topk"})
+        arrays = {k: getattr(self, k).numpy() for k in self.ARRAYS + self.ERRORS if getattr(self, k) is not None}
+        return _save_npz(path, arrays, {**self.meta, "kind": "sdi-topk"})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StreamTopK":
@@ -296,33 +336,55 @@ class StreamTopK:
             missing = [k for k in cls.ARRAYS if k not in z.files]
             if missing:
                 raise ValueError(f"{path} is not a top-k result file (missing {missing})")
-            return cls(**{k: torch.from_numpy(z[k].copy()) for k in cls.ARRAYS}, meta=json.loads(str(z["meta"])))
+            return cls(**{k: torch.from_numpy(z[k].copy()) for k in cls.ARRAYS + cls.ERRORS if k in z.files},
+                       meta=json.loads(str(z["meta"])))
 
 
 class TopKStream:
     """Running top-k of proponents and opponents, per (query, step) and by TracIn, over blocks of rows.
 
-    ``add(start, sdi, tracin)`` takes the scores of rows ``start : start + C`` — sdi (C, Q, T_query), tracin
-    (C, Q) — in increasing ``start`` order; ``result()`` gives the :class:`StreamTopK`.
+    ``add(start, sdi, tracin, sdi_se=None, tracin_se=None)`` takes the scores of rows ``start : start + C`` —
+    sdi (C, Q, T_query), tracin (C, Q), and for sketched scores their standard errors, same shapes — in
+    increasing ``start`` order; ``result()`` gives the :class:`StreamTopK`, whose kept scores carry their errors.
     """
 
     def __init__(self, k: int, n_query: int, n_steps: int) -> None:
         self.k, self.n_query, self.n_steps = k, n_query, n_steps
         self.best: dict[str, tuple] = {name: (None, None) for name in ("sdi", "sdi_opp", "tracin", "tracin_opp")}
+        self.errors: dict[str, torch.Tensor | None] = {name: None for name in self.best}
 
-    def add(self, start: int, sdi: torch.Tensor, tracin: torch.Tensor) -> None:
+    def add(self, start: int, sdi: torch.Tensor, tracin: torch.Tensor, sdi_se: torch.Tensor | None = None,
+            tracin_se: torch.Tensor | None = None) -> None:
         C, Q, Tq = sdi.shape
         idx = torch.arange(start, start + C)
-        for name, s in (("sdi", sdi.permute(1, 2, 0).reshape(Q * Tq, C)), ("tracin", tracin.T)):
-            self.best[name] = merge_top_k(*self.best[name], s, idx, self.k)
-            self.best[name + "_opp"] = merge_top_k(*self.best[name + "_opp"], -s, idx, self.k)
+        as_rows = {"sdi": lambda t: t.permute(1, 2, 0).reshape(Q * Tq, C), "tracin": lambda t: t.T}
+        for name, s, se in (("sdi", sdi, sdi_se), ("tracin", tracin, tracin_se)):
+            s = as_rows[name](s)
+            for key, signed in ((name, s), (name + "_opp", -s)):
+                old_idx = self.best[key][1]
+                self.best[key] = merge_top_k(*self.best[key], signed, idx, self.k)
+                if se is not None:
+                    self.errors[key] = _carry_errors(self.best[key][1], start, as_rows[name](se), old_idx,
+                                                     self.errors[key])
 
     def result(self, query_losses: torch.Tensor, meta: dict[str, Any]) -> StreamTopK:
-        b = self.best
-        per_step = lambda t: t.reshape(self.n_query, self.n_steps, -1)  # noqa: E731
+        b, e = self.best, self.errors
+        per_step = lambda t: None if t is None else t.reshape(self.n_query, self.n_steps, -1)  # noqa: E731
         return StreamTopK(
             sdi_indices=per_step(b["sdi"][1]), sdi_scores=per_step(b["sdi"][0]),
             sdi_opp_indices=per_step(b["sdi_opp"][1]), sdi_opp_scores=per_step(-b["sdi_opp"][0]),
             tracin_indices=b["tracin"][1], tracin_scores=b["tracin"][0],
             tracin_opp_indices=b["tracin_opp"][1], tracin_opp_scores=-b["tracin_opp"][0],
-            query_losses=query_losses, meta=meta)
+            query_losses=query_losses, meta=meta, sdi_se=per_step(e["sdi"]), sdi_opp_se=per_step(e["sdi_opp"]),
+            tracin_se=e["tracin"], tracin_opp_se=e["tracin_opp"])
+
+
+def _carry_errors(kept: torch.Tensor, start: int, block_se: torch.Tensor, old_kept: torch.Tensor | None,
+                  old_se: torch.Tensor | None) -> torch.Tensor:
+    """The standard errors of the indices ``kept`` (R, k) after a merge: from this block (rows ``start`` on,
+    ``block_se`` (R, C)) or, for lower indices, from the previous top-k (``old_kept``, ``old_se`` (R, k_old))."""
+    from_block = block_se.gather(-1, (kept - start).clamp(0, block_se.shape[-1] - 1))
+    if old_kept is None:
+        return from_block
+    where_old = (old_kept.unsqueeze(-1) == kept.unsqueeze(-2)).int().argmax(-2)    # (R, k): position in old_kept
+    return torch.where(kept >= start, from_block, old_se.gather(-1, where_old))

@@ -61,7 +61,7 @@ from .manifest import (FORMAT, MANIFEST, VERSION, checkpoint_differences, chunk_
                        raise_if_different, read_manifest, read_record, record_path, remove_temporaries,
                        store_header, write_chunk)
 from .progress import progress_bar
-from .results import InfluenceResult, StreamTopK, TopKStream
+from .results import InfluenceResult, StreamTopK, TopKStream, warn_if_sketch_too_small
 from .scoring import QueryBlock, ScoreCollector, score_block, sum_checkpoints
 from .storage import (STORAGE_DTYPES, TORCH_STORAGE, CorruptChunkError, StoreError,  # noqa: F401
                       StoreMismatchError, npy_from_bytes, safe_npy_header, seal, write_json)
@@ -260,7 +260,7 @@ class FeatureStore:
 
     def _chunk_blocks(self, i: int, queries: list[QueryBlock], train_side: bool, step_matrix: bool) -> list[dict]:
         """:func:`~sdi.scoring.score_block` of chunk ``i``'s rows at every checkpoint, in checkpoint order."""
-        return [score_block(self.read_chunk(k, i, copy=False), q, eta, train_side, step_matrix)
+        return [score_block(self.read_chunk(k, i, copy=False), q, eta, train_side, step_matrix, self.sketch_dim)
                 for k, (q, eta) in enumerate(zip(queries, self.etas.tolist()))]
 
     def top_k(self, queries: Sequence[StepFeatures], k: int | None = 10, progress: bool = True) -> StreamTopK:
@@ -277,9 +277,12 @@ class FeatureStore:
         top = TopKStream(k, len(queries[0]), queries[0].n_steps)
         for i in progress_bar(range(self.n_chunks), progress, desc="influence (streaming top-k)", unit="chunk"):
             parts = self._chunk_blocks(i, blocks, train_side=False, step_matrix=False)
-            top.add(self.rows(i)[0], sum_checkpoints([p["sdi"] for p in parts]),
-                    sum_checkpoints([p["tracin"] for p in parts]))
-        return top.result(self._query_losses(queries), self._result_meta())
+            summed = {name: sum_checkpoints([p[name] for p in parts]) if name in parts[0] else None
+                      for name in ("sdi", "tracin", "sdi_se", "tracin_se")}
+            top.add(self.rows(i)[0], **summed)
+        res = top.result(self._query_losses(queries), self._result_meta())
+        warn_if_sketch_too_small(res, self.sketch_dim)
+        return res
 
     def influence(self, queries: Sequence[StepFeatures], step_matrix: bool = False, max_elements: int = 2 * 10**8,
                   progress: bool = True) -> InfluenceResult:
@@ -299,11 +302,14 @@ class FeatureStore:
             for k, part in enumerate(self._chunk_blocks(i, blocks, train_side=True, step_matrix=step_matrix)):
                 scores.add(k, self.rows(i)[0], part)
         totals = scores.totals()
-        return InfluenceResult(
+        res = InfluenceResult(
             sdi=totals["sdi"], train_sdi=totals["train_sdi"], tracin=totals["tracin"], etas=self.etas,
             train_losses=torch.stack([self.losses(k) for k in range(self.n_checkpoints)]),
             query_losses=self._query_losses(queries), step_matrix=totals["step_matrix"],
-            checkpoint_sdi=totals["checkpoint_sdi"], meta=self._result_meta())
+            checkpoint_sdi=totals["checkpoint_sdi"], meta=self._result_meta(),
+            sdi_se=totals["sdi_se"], train_sdi_se=totals["train_sdi_se"], tracin_se=totals["tracin_se"])
+        warn_if_sketch_too_small(res, self.sketch_dim)
+        return res
 
     def result_elements(self, n_query: int, n_query_steps: int, step_matrix: bool = False) -> int:
         """Floats a full :meth:`influence` result holds for ``n_query`` queries of ``n_query_steps`` iterations."""
@@ -314,8 +320,13 @@ class FeatureStore:
     def _query_losses(queries: Sequence[StepFeatures]) -> torch.Tensor:
         return torch.stack([q.losses.detach().cpu().float() for q in queries])
 
+    @property
+    def sketch_dim(self) -> int | None:
+        """m, the width of the stored sketches (None for exact features), from the featurizer fingerprint."""
+        return self.fingerprint.get("sketch_dim", self.fingerprint.get("m"))
+
     def _result_meta(self) -> dict[str, Any]:
         fp = self.fingerprint
-        return {"fingerprint": fp, "sketch_dim": fp.get("sketch_dim", fp.get("m")), "seed": fp.get("seed"),
+        return {"fingerprint": fp, "sketch_dim": self.sketch_dim, "seed": fp.get("seed"),
                 "checkpoints": [c["name"] for c in self.manifest["checkpoints"]], "store": str(self.root),
                 "store_dtype": self.dtype}

@@ -64,6 +64,9 @@ def test_featurize_influence_explore_end_to_end(run_dir, capsys):
     assert "all 6 chunk file(s) intact" in capsys.readouterr().out
 
     assert cli.main(["influence", str(run_dir), "--query-loops", "6", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "predicted relative error of the top-10 TracIn scores 0." in printed.out
+    assert all(line.startswith("sdi influence: warning: ") for line in printed.err.splitlines())
     result = run_dir / "influence.npz"
     with np.load(result, allow_pickle=False) as z:                     # plain numpy can read it
         assert z["sdi"].shape == (48, 3, 6) and z["tracin"].shape == (48, 3)
@@ -84,6 +87,7 @@ def test_featurize_influence_explore_end_to_end(run_dir, capsys):
     top = StreamTopK.load(run_dir / "top.npz")
     assert top.sdi_indices.shape == (3, 4, 4)
     assert torch.equal(top.top_k(0, 1).indices, res.top_k(0, 1, k=4).indices)
+    assert (top.top_k(0, 1, se=True).se > 0).all() and top.meta["predicted_relative_error"] > 0  # kept with the file
 
     capsys.readouterr()
     assert cli.main(["explore", str(result), "--out", str(run_dir / "explorer.html")]) == 0
@@ -137,9 +141,11 @@ def test_errors_exit_nonzero_with_a_clear_message(run_dir, tmp_path, capsys):
     assert cli.main(["verify", str(other / "store"), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "1 of 6 chunk file(s)" in err and "rerun `sdi featurize`" in err
-    with pytest.warns(UserWarning, match="does not match its CRC-32"):
-        assert cli.main(["featurize", str(other), *FEATURES]) == 0
-    assert "1 chunk(s) computed, 5 reused" in capsys.readouterr().out
+    assert cli.main(["featurize", str(other), *FEATURES]) == 0
+    printed = capsys.readouterr()
+    assert "1 chunk(s) computed, 5 reused" in printed.out
+    warning, = printed.err.splitlines()                                 # one line, naming the file and the remedy
+    assert warning.startswith("sdi featurize: warning: store ") and "does not match its CRC-32" in warning
     assert cli.main(["verify", str(other), "--quiet"]) == 0
 
 

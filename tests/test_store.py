@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -151,6 +152,41 @@ def test_streaming_top_k_equals_full_sort(setup, k):
                                    res.top_k(q, step, k=k, opponents=opp).indices)
 
 
+def test_store_scores_carry_the_same_standard_errors_as_in_memory(setup):
+    """Every sketched score has an error bar at every scale: store.influence, store.top_k and influence(top_k=k)
+    report the standard errors of the in-memory InfluenceResult, each kept score with its own."""
+    st, attr = setup["store"], setup["attr"]
+    ckpts = [(c.path, c.lr) for c in setup["ckpts"]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # m = 256 on this model may warn "sketch too small"
+        ref = attr.influence(setup["train"].batches(BATCH), setup["query"].batches(N_QUERY), checkpoints=ckpts)
+        res = st.influence(setup["queries"], progress=False)
+        top = st.top_k(setup["queries"], k=5, progress=False)
+        small = attr.influence(setup["train"].batches(BATCH), setup["query"].batches(N_QUERY), checkpoints=ckpts,
+                               top_k=5)
+    assert st.sketch_dim == SKETCH_DIM and ref.sdi_se is not None
+    for name in ("sdi_se", "train_sdi_se", "tracin_se"):
+        a, b = getattr(res, name), getattr(ref, name)
+        assert a.shape == b.shape and (b > 0).all(), name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * float(b.max()), msg=name)
+    assert res.meta["predicted_relative_error"] == pytest.approx(ref.meta["predicted_relative_error"], rel=1e-4)
+    for t in (top, small):
+        for q in range(N_QUERY):
+            for step in (0, 2, None):
+                for opp in (False, True):
+                    got = t.top_k(q, step, k=4, opponents=opp, se=True)
+                    want = ref.top_k(q, step, k=4, opponents=opp, se=True)
+                    assert torch.equal(got.indices, want.indices)
+                    torch.testing.assert_close(got.se, want.se, rtol=1e-5, atol=1e-6 * float(want.se.max()))
+    assert top.predicted_relative_error() == pytest.approx(ref.predicted_relative_error(k=5), rel=1e-4)
+    unsketched = StreamTopK.from_result(sdi.InfluenceResult(   # scores without errors, as exact features give
+        sdi=res.sdi, train_sdi=res.train_sdi, tracin=res.tracin, etas=res.etas, train_losses=res.train_losses,
+        query_losses=res.query_losses), k=3)
+    assert unsketched.sdi_se is None and torch.equal(unsketched.top_k(0).indices, top.top_k(0, k=3).indices)
+    with pytest.raises(ValueError, match="no standard errors"):
+        unsketched.top_k(0, se=True)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, 7, 50])
 def test_streaming_top_k_breaks_ties_like_a_stable_sort(tmp_path, chunk):
     """Small-integer features make exact ties everywhere, across chunk boundaries: the lower index must win."""
@@ -182,7 +218,7 @@ def test_streaming_top_k_breaks_ties_like_a_stable_sort(tmp_path, chunk):
 def test_top_k_result_file_round_trip(setup, tmp_path):
     top = setup["store"].top_k(setup["queries"], k=3, progress=False)
     back = StreamTopK.load(top.save(tmp_path / "top.npz"))
-    for name in StreamTopK.ARRAYS:
+    for name in StreamTopK.ARRAYS + StreamTopK.ERRORS:
         assert torch.equal(getattr(back, name), getattr(top, name))
     assert back.meta["kind"] == "sdi-topk" and back.meta["fingerprint"] == top.meta["fingerprint"]
 
