@@ -6,7 +6,7 @@
     sdi influence  runs/parity                              queries vs the store -> runs/parity/influence.npz
     sdi verify     runs/parity                              check every chunk of the store against its CRC-32
     sdi explore    runs/parity/influence.npz                the static explorer HTML
-    sdi demo                                                all of the above on parity, in minutes on a CPU
+    sdi demo                                                all of the above on parity, in about 20 s on a CPU
 
 This module is argparse and printing only; the run-directory format and the steps are :mod:`sdi.runs`.
 """
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=explore_command)
 
     p = sub.add_parser("demo", parents=[common, device], help="train + featurize + influence + explore on parity",
-                       description="The whole pipeline on the default parity task, in a few minutes on a CPU.")
+                       description="The whole pipeline on the default parity task, in about 20 s on a 2-core CPU.")
     p.add_argument("--out", default="sdi-demo", help="run directory (default ./sdi-demo; replaced)")
     _train_options(p)
     _featurize_options(p, batch_flag="--feature-batch-size", sketch_dim=DEMO_SKETCH_DIM)
