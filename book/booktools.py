@@ -479,7 +479,7 @@ class Workspace:
 
     def plan(self, names: list[str]) -> None:
         """Chapters this session will ask for: the first :meth:`execute` runs them all, two at a time."""
-        self.planned = [n for n in names if n not in self.planned] + self.planned
+        self.planned = list(dict.fromkeys([*self.planned, *names]))
 
     def execute(self, name: str, timeout_s: int = EXECUTION_TIMEOUT_S) -> Execution:
         """Execute chapter ``name`` (e.g. ``"00_preface"``) unless that was done already, together with the

@@ -26,7 +26,6 @@ from .results import InfluenceResult, StreamTopK, warn_if_sketch_too_small
 from .scoring import QueryBlock, ScoreCollector, score_block, self_scores, sum_checkpoints
 from .sketch import DEFAULT_SKETCH_DIM
 
-#: A sketched in-memory run warns when the predicted relative error of its top scores exceeds this.
 MAX_SKETCH_DIM = 2**24  # m floats per (example, step): 64 MiB each at this width; wider is a typo, not a plan
 
 
