@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -463,8 +464,11 @@ class Workspace:
         self.chapters = chapter_paths(self.root)
         self.executions: dict[str, Execution] = {}
         self.build_result: subprocess.CompletedProcess | None = None
-        self.planned: list[str] = []
         self.wall_seconds = 0.0
+        self._scratch = self.root.parent / f"{self.root.name}-ipython"
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
+        self._environment: contextlib.ExitStack | None = None  # while start()'s thread runs
 
     @classmethod
     def at(cls, root: Path) -> "Workspace":
@@ -477,15 +481,52 @@ class Workspace:
     def html_dir(self) -> Path:
         return self.root / "_build" / "html"
 
-    def plan(self, names: list[str]) -> None:
-        """Chapters this session will ask for: the first :meth:`execute` runs them all, two at a time."""
-        self.planned = list(dict.fromkeys([*self.planned, *names]))
+    def start(self, names: list[str], build: bool = False) -> None:
+        """Execute the chapters ``names`` (then, with ``build``, build the HTML) in a background thread.
+
+        The tests call this before their first test and run the book's tests last: the other tests run while
+        the chapters execute, on the same 2 cores (CI's wall time drops by the shorter of the two).
+        :meth:`execute` and :meth:`build` wait for it; an error in the background is raised there.
+        """
+        if self._background is not None:
+            return
+        # The kernels inherit the environment they start in. It is set here, in the calling thread, and restored
+        # by _wait in that thread, so os.environ never changes under the other tests' feet from a second thread.
+        # One torch thread per kernel: the other tests use the cores too.
+        self._environment = contextlib.ExitStack()
+        self._environment.enter_context(
+            _execution_environment(self._scratch, max(1, _cores() // parallel_kernels())))
+
+        def work() -> None:
+            try:
+                self.execute_all(names)
+                if build:
+                    self.build()
+            except BaseException as exc:  # re-raised in the thread that waits (_wait)
+                self._background_error = exc
+
+        self._background = threading.Thread(target=work, name="booktools-background", daemon=True)
+        self._background.start()
+
+    def _wait(self) -> None:
+        """Wait for :meth:`start`'s thread (unless this is that thread); raise what it raised, once."""
+        thread = self._background
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join()
+        self._background = None
+        self._environment.close()
+        self._environment = None
+        error, self._background_error = self._background_error, None
+        if error is not None:
+            raise RuntimeError(f"executing the book in the background failed: {error!r}") from error
 
     def execute(self, name: str, timeout_s: int = EXECUTION_TIMEOUT_S) -> Execution:
-        """Execute chapter ``name`` (e.g. ``"00_preface"``) unless that was done already, together with the
-        chapters :meth:`plan` announced."""
+        """Execute chapter ``name`` (e.g. ``"00_preface"``) unless that was done already (or :meth:`start`
+        is doing it)."""
+        self._wait()
         if name not in self.executions:
-            self.execute_all([name, *self.planned], timeout_s)
+            self.execute_all([name], timeout_s)
         return self.executions[name]
 
     def execute_all(self, names: list[str], timeout_s: int = EXECUTION_TIMEOUT_S) -> None:
@@ -498,7 +539,10 @@ class Workspace:
         workers = min(parallel_kernels(), len(todo))
         threads = max(1, _cores() // workers) if workers > 1 else None
         start = time.perf_counter()
-        with _execution_environment(self.root.parent / f"{self.root.name}-ipython", threads):
+        # Inside start()'s thread the environment is already set (and only the thread that set it restores it).
+        environment = (contextlib.nullcontext() if self._environment is not None
+                       else _execution_environment(self._scratch, threads))
+        with environment:
             with ThreadPoolExecutor(workers) as pool:
                 for name, execution in zip(todo, pool.map(
                         lambda n: execute_chapter(self.root / f"{n}.ipynb", timeout_s), todo)):
@@ -510,6 +554,7 @@ class Workspace:
 
         Raises RuntimeError naming the chapters that failed to execute: a book with a broken chapter is not built.
         """
+        self._wait()
         if self.build_result is None:
             self.execute_all([p.stem for p in self.chapters])
             failed = [p.stem for p in self.chapters if self.executions[p.stem].error is not None]

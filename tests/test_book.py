@@ -2,9 +2,10 @@
 
 1. ``test_chapter_executes[NN_name]``: one test per chapter of ``book/_toc.yml``. It executes the chapter with
    nbmake's runner (``nbmake.nb_run.NotebookRun``: nbclient, the notebook's folder as cwd, 300 s per cell) inside
-   a session-wide copy of the book, and keeps the executed notebook there. The first of these tests executes every
-   selected chapter, two kernels at a time with one torch thread each (``booktools.Workspace.execute_all``), so
-   it takes the chapters' wall time and the others return at once; each test still reports its own chapter.
+   a session-wide copy of the book, and keeps the executed notebook there. ``conftest.py`` starts executing every
+   selected chapter before the first test of the session, in a background thread, two kernels at a time with one
+   torch thread each (``booktools.Workspace.start``), and runs the book's tests last: the other tests run while
+   the chapters do. Each chapter test waits for that and reports its own chapter.
 2. ``test_book_builds``: builds that copy with ``execute_notebooks: off`` and Sphinx warnings as errors, so the
    HTML shows exactly the outputs the chapter tests produced.
 3. ``tests/test_book_browser.py`` opens that HTML in a headless chromium.
@@ -25,12 +26,9 @@ CHAPTERS = [p.stem for p in booktools.chapter_paths(BOOK)]
 
 
 @pytest.fixture(scope="session")
-def book_workspace(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> booktools.Workspace:
-    """The shared workspace, told which chapters this session executes, so the first runs them two at a time."""
-    ws = booktools.Workspace.at(tmp_path_factory.getbasetemp() / "book")
-    ws.plan([item.callspec.params["chapter"] for item in request.session.items
-             if getattr(item, "originalname", None) == "test_chapter_executes"])
-    return ws
+def book_workspace(tmp_path_factory: pytest.TempPathFactory) -> booktools.Workspace:
+    """The shared workspace (``conftest.py`` has already started executing this session's chapters in it)."""
+    return booktools.Workspace.at(tmp_path_factory.getbasetemp() / "book")
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
