@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,11 @@ def _book_in_background(request: pytest.FixtureRequest, tmp_path_factory: pytest
         sys.path.insert(0, str(BOOK))
         import booktools
 
+        # The two kernels run one torch thread each. More threads than cores make OpenMP's barriers spin against
+        # each other (a 3 s test took 30 s), so this process and the ones its tests start use one thread too
+        # (set before the kernels start: os.environ is never changed while another thread may start a process).
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
         booktools.Workspace.at(tmp_path_factory.getbasetemp() / "book").start(chapters, build=build)
 
 
