@@ -3,11 +3,18 @@
 A looped model calls its loop module(s) once per iteration. A forward pre-hook on each loop module counts
 those calls: the c-th call *is* step ``c``. Every module inside the loop that owns parameters (a "leaf":
 ``nn.Linear``, ``nn.LayerNorm``, ...) records, for each of its calls, the inputs it saw and its output.
-:meth:`StepCapture.backward` then asks autograd for the gradient of the summed loss with respect to every
-recorded output — the backprop ``delta`` of that call. From inputs and ``delta`` the per-example gradient
-of the leaf's parameters *at that step* follows in closed form (``phi_t``), without ever untying the loop.
-The weight gradients themselves are never computed (they are the expensive third of a backward pass),
-except when asked for, to check that the hooks saw every use of every parameter.
+:meth:`StepCapture.backward` then back-propagates the summed loss; a hook on every recorded output receives
+its gradient — the backprop ``delta`` of that call — the moment autograd has it. From inputs and ``delta`` the
+per-example gradient of the leaf's parameters *at that step* follows in closed form (``phi_t``), without ever
+untying the loop. The weight gradients themselves are never computed (they are the expensive third of a
+backward pass), except when asked for, to check that the hooks saw every use of every parameter.
+
+Memory: the caller's ``on_call`` turns each call's ``(inputs, delta)`` into features inside that hook, and the
+capture then drops them, so the deltas of all steps are never held at once (for a d_model 256 model at 64
+tokens that is ~140 MB per batch of 32). To have a hook for every recorded output, the capture hands the
+model ``output + anchor`` instead of ``output``, ``anchor`` being a 0-dim zero that requires grad, and asks
+autograd for the anchor's gradient only: every recorded output lies on a path to it, and nothing else is
+computed (the same values reach the model; the cost is one add per leaf output).
 
 The capture never touches ``.grad`` of the model's parameters and removes all its hooks on exit.
 """
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,9 +38,10 @@ class LeafCalls:
     """Everything one parameterised module saw during one forward/backward pass.
 
     For call ``c``: ``steps[c]`` is the iteration, ``args[c]``/``kwargs[c]`` the (detached) inputs,
-    ``outputs[c]`` the output tensor(s) and, after :meth:`StepCapture.backward`, ``grad_outputs[c]`` the
-    gradient of the summed per-example losses with respect to each output (``None`` when it did not
-    influence the loss). The leading dimension of every tensor is the example dimension ``B``.
+    ``outputs[c]`` whether each output is tracked and, during :meth:`StepCapture.backward`, ``grad_outputs[c]``
+    the gradient of the summed per-example losses with respect to each output (``None`` when it did not
+    influence the loss). The leading dimension of every tensor is the example dimension ``B``. Once a call
+    has been handed to ``on_call`` its inputs and gradients are released (``released(c)``).
     """
 
     name: str
@@ -43,9 +51,19 @@ class LeafCalls:
     kwargs: list[dict] = field(default_factory=list)
     outputs: list = field(default_factory=list)
     grad_outputs: list = field(default_factory=list)
+    #: per call: how many of its outputs still wait for their gradient
+    pending: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    def release(self, call: int) -> None:
+        """Drop call ``call``'s inputs and gradients (its features are made): the memory goes back at once."""
+        self.args[call], self.kwargs[call] = None, None
+        self.grad_outputs[call] = [None] * len(self.grad_outputs[call])
+
+    def released(self, call: int) -> bool:
+        return self.args[call] is None
 
 
 @dataclass
@@ -133,6 +151,8 @@ class StepCapture:
         self._active = True
         self._errors: list[str] = []
         self._batch: list[int] = []
+        self._anchors: dict[torch.device, torch.Tensor] = {}
+        self._on_call: Callable[[LeafCalls, int], None] | None = None
         #: iterations in which some loop layer ran without gradient (no_grad / inference_mode)
         self.no_grad_steps: set[int] = set()
         self.inference_mode = False
@@ -177,13 +197,40 @@ class StepCapture:
                 args = tuple(_expand(a, B) for a in args)
                 kwargs = {k: _expand(v, B) for k, v in kwargs.items()}
             rec = self.calls.setdefault(name, LeafCalls(name, module))
+            call = len(rec.steps)
             rec.steps.append(self._stack[-1])
             rec.args.append(tuple(a.detach() if torch.is_tensor(a) else a for a in args))
             rec.kwargs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
-            rec.outputs.append([o if torch.is_tensor(o) and o.requires_grad else None for o in outputs])
+            tracked = [torch.is_tensor(o) and o.requires_grad and (o.is_floating_point() or o.is_complex())
+                       for o in outputs]
+            rec.outputs.append(tracked)
             rec.grad_outputs.append([None] * len(outputs))
-            if expand:
-                return outputs if isinstance(output, (tuple, list)) else outputs[0]
+            rec.pending.append(sum(tracked))
+            if not any(tracked):
+                return None
+            anchored = []
+            for j, (o, t) in enumerate(zip(outputs, tracked)):
+                if t:
+                    o = o + self._anchor(o.device)
+                    o.register_hook(self.delta_hook(rec, call, j))
+                anchored.append(o)
+            if not isinstance(output, (tuple, list)):
+                return anchored[0]
+            return type(output)(*anchored) if hasattr(output, "_fields") else type(output)(anchored)
+        return hook
+
+    def _anchor(self, device: torch.device) -> torch.Tensor:
+        """The 0-dim zero (requires grad) added to every recorded output on ``device``."""
+        if device not in self._anchors:
+            self._anchors[device] = torch.zeros((), device=device, requires_grad=True)
+        return self._anchors[device]
+
+    def delta_hook(self, rec: LeafCalls, call: int, j: int):
+        def hook(grad: torch.Tensor) -> None:
+            rec.grad_outputs[call][j] = grad.detach()
+            rec.pending[call] -= 1
+            if rec.pending[call] == 0 and self._on_call is not None:
+                self._on_call(rec, call)
         return hook
 
     # -- context -----------------------------------------------------------------------------------
@@ -211,24 +258,31 @@ class StepCapture:
             self._active = prev
 
     # -- backward ----------------------------------------------------------------------------------
-    def backward(self, losses: torch.Tensor, params: list[torch.Tensor] | None = None) -> tuple | None:
-        """Fill every call's ``grad_outputs`` with ``d losses.sum() / d output``; return param grads if asked.
+    def backward(self, losses: torch.Tensor, params: list[torch.Tensor] | None = None,
+                 on_call: Callable[[LeafCalls, int], None] | None = None) -> tuple | None:
+        """Back-propagate ``losses.sum()`` to every recorded output; return the params' batch gradients if asked.
 
-        Only the gradients with respect to the recorded outputs are requested, so autograd skips the weight
-        gradients of every layer unless ``params`` are given (then their batch gradients are returned,
-        ``None`` for unused ones, for the completeness check).
+        ``on_call(rec, call)`` runs inside the backward pass as soon as every tracked output of that call has
+        its gradient in ``rec.grad_outputs[call]`` (it may release the call); calls that some output's gradient
+        never reached are handed over after the pass. Without ``on_call`` the gradients stay in
+        ``grad_outputs``. Only the anchors' gradient is requested, so autograd skips the weight gradients of
+        every layer unless ``params`` are given (then their batch gradients are returned, ``None`` for unused
+        ones, for the completeness check).
         """
-        slots = [(rec, c, j) for rec in self.calls.values() for c, outs in enumerate(rec.outputs)
-                 for j, o in enumerate(outs) if o is not None]
-        inputs = [rec.outputs[c][j] for rec, c, j in slots] + list(params or [])
-        if not inputs:
-            return None if params is None else tuple(None for _ in params)
-        grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True)
-        for (rec, c, j), g in zip(slots, grads):
-            rec.grad_outputs[c][j] = None if g is None else g.detach()
-        for rec in self.calls.values():
-            rec.outputs = [[None] * len(outs) for outs in rec.outputs]  # free the graph's tensors
-        return None if params is None else tuple(grads[len(slots):])
+        anchors = list(self._anchors.values())
+        inputs = anchors + list(params or [])
+        self._on_call = on_call
+        try:
+            grads = torch.autograd.grad(losses.sum(), inputs, allow_unused=True) if anchors else \
+                (None,) * len(inputs)
+        finally:
+            self._on_call = None
+        if on_call is not None:
+            for rec in self.calls.values():
+                for c in range(len(rec)):
+                    if rec.pending[c] and not rec.released(c) and any(g is not None for g in rec.grad_outputs[c]):
+                        on_call(rec, c)
+        return None if params is None else tuple(grads[len(anchors):])
 
     # -- results -----------------------------------------------------------------------------------
     @property

@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .capture import CaptureError, ParamSlot, StepCapture
+from .capture import CaptureError, LeafCalls, ParamSlot, StepCapture
 from .featurizers import Featurizer
 from .fingerprints import check_fingerprints
 
@@ -84,7 +84,6 @@ def batch_features(
         losses = loss_fn(model, batch)
     cap.raise_errors()
     _check_losses(losses)
-    true_grads = cap.backward(losses, params if check else None)
     T = cap.n_steps
     if expected_steps is not None and T != expected_steps:
         raise ValueError(
@@ -93,16 +92,37 @@ def batch_features(
         )
     B = losses.shape[0]
     _check_batch_dims(cap, B)
-    grad_steps = {step for rec in cap.calls.values() for c, step in enumerate(rec.steps)
-                  if any(g is not None for g in rec.grad_outputs[c])}
+    out = torch.zeros(B, T, *featurizer.feature_shape, device=losses.device, dtype=torch.float32)
+    target = featurizer.target(out)
+    batch_grads = featurizer.zero_batch_grads() if check else None
+    grad_steps: set[int] = set()
+    deferred: list[tuple[LeafCalls, int]] = []
+
+    def featurize_call(rec: LeafCalls, call: int) -> None:
+        with torch.no_grad():   # features are data: never part of an autograd graph (torch.func's grad still works)
+            featurizer.add(cap, rec, call, target)
+            if batch_grads is not None:
+                featurizer.add_batch_grad(batch_grads, cap, rec, call)
+        grad_steps.add(rec.steps[call])
+        rec.release(call)
+
+    def on_call(rec: LeafCalls, call: int) -> None:
+        # during the backward pass; the generic kind re-runs the module under torch.func, so it waits for the end
+        if featurizer.kind_of(rec.module).native:
+            featurize_call(rec, call)
+        else:
+            deferred.append((rec, call))
+
+    true_grads = cap.backward(losses, params if check else None, on_call)
+    for rec, call in deferred:
+        featurize_call(rec, call)
     if not grad_steps:
         raise CaptureError(_no_gradient_message(cap, T))
-    out = torch.zeros(B, T, *featurizer.feature_shape, device=losses.device, dtype=torch.float32)
-    with torch.no_grad():   # features are data: never part of an autograd graph (torch.func's grad still works)
-        featurizer.featurize(cap, out)
+    with torch.no_grad():
+        featurizer.finish(target)
         if check:
             low_precision = [p.dtype for p in params if p.dtype not in (torch.float32, torch.float64)]
-            check_gradients_match(featurizer.slots, featurizer.batch_grads(cap), true_grads,
+            check_gradients_match(featurizer.slots, batch_grads, true_grads,
                                   low_precision[0] if low_precision else losses.dtype)
     if on_steps is not None:
         on_steps(T, sorted(set(range(T)) - grad_steps))

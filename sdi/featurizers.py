@@ -2,10 +2,11 @@
 
 A featurizer turns the ``(inputs, delta)`` pairs recorded by :class:`sdi.capture.StepCapture` into one feature
 vector per example and step: the flattened per-step gradient itself (:class:`ExactFeaturizer`, width ``P``) or a
-sketch of it (:class:`SketchFeaturizer`, width ``m``). Both loop over the recorded calls the same way and let
-each module's kind (:mod:`sdi.leaves`) add its contribution; only the destination differs. Every featurizer is
-linear, so ``sum_t feature_t`` is the feature of the full gradient, and the batch gradient rebuilt from the same
-calls (:meth:`Featurizer.batch_grads`) doubles as a check that the hooks saw every use of every parameter.
+sketch of it (:class:`SketchFeaturizer`, width ``m``). Both take one recorded call at a time
+(:meth:`Featurizer.add`, called during the backward pass as each call's ``delta`` arrives) and let the module's
+kind (:mod:`sdi.leaves`) add its contribution; only the destination differs. Every featurizer is linear, so
+``sum_t feature_t`` is the feature of the full gradient, and the batch gradient rebuilt from the same calls
+(:meth:`Featurizer.add_batch_grad`) doubles as a check that the hooks saw every use of every parameter.
 """
 
 from __future__ import annotations
@@ -53,42 +54,35 @@ class Featurizer:
         """What must agree for two features to be comparable."""
         return {"kind": self.kind, "params": [[s.name, list(s.shape)] for s in self.slots]}
 
-    def _calls(self, cap: StepCapture):
-        """``(kind, rec, call, slots, step)`` for every recorded call that influenced the loss."""
-        for rec in cap.calls.values():
-            kind, slots = self.kind_of(rec.module), self.leaf_slots(rec.module)
-            for c, step in enumerate(rec.steps):
-                if any(g is not None for g in rec.grad_outputs[c]):
-                    yield kind, rec, c, slots, step
-
     def target(self, out: torch.Tensor) -> Any:
         """Where one batch's features go (``out`` itself unless a subclass buffers)."""
         return out
+
+    def finish(self, target: Any) -> None:
+        """Complete ``target`` after the batch's last call (a buffering subclass writes ``out`` here)."""
 
     def add_call(self, kind: LeafKind, cap: StepCapture, rec: LeafCalls, call: int,
                  slots: list[tuple[str, ParamSlot]], target: Any, step: int) -> None:
         raise NotImplementedError
 
-    def featurize(self, cap: StepCapture, out: torch.Tensor) -> None:
-        """Add the contributions of all recorded calls to ``out`` ``(B, T, *feature_shape)``."""
-        target = self.target(out)
-        for kind, rec, c, slots, step in self._calls(cap):
-            self.add_call(kind, cap, rec, c, slots, target, step)
-        if hasattr(target, "finish"):
-            target.finish()
+    def add(self, cap: StepCapture, rec: LeafCalls, call: int, target: Any) -> None:
+        """Add the contribution of call ``call`` of ``rec`` (inputs and delta recorded) to ``target``."""
+        self.add_call(self.kind_of(rec.module), cap, rec, call, self.leaf_slots(rec.module), target, rec.steps[call])
 
-    def batch_grads(self, cap: StepCapture) -> dict[int, torch.Tensor]:
-        """Gradient of the summed loss per parameter, rebuilt from the recorded calls alone: ``{id(param): grad}``.
+    def zero_batch_grads(self) -> dict[int, torch.Tensor]:
+        """``{id(param): zeros(param.shape)}``, to sum :meth:`add_batch_grad` into."""
+        return {id(s.param): torch.zeros(s.shape, dtype=torch.float32, device=s.param.device) for s in self.slots}
 
-        Summing over examples and tokens first makes this cheap (no per-example tensor); comparing it with
-        autograd's gradient proves that the hooks saw every use of every parameter.
+    def add_batch_grad(self, total: dict[int, torch.Tensor], cap: StepCapture, rec: LeafCalls, call: int) -> None:
+        """Add the gradient of the summed loss at this call, rebuilt from the recorded call alone, to ``total``.
+
+        Summing over examples and tokens first makes this cheap (no per-example tensor); comparing the total
+        over all calls with autograd's gradient proves that the hooks saw every use of every parameter.
         """
-        total = {id(s.param): torch.zeros(s.shape, dtype=torch.float32, device=s.param.device) for s in self.slots}
-        for kind, rec, c, slots, _ in self._calls(cap):
-            parts = kind.batch_grad(cap, rec, c, [attr for attr, _ in slots])
-            for attr, s in slots:
-                total[id(s.param)] += parts[attr].reshape(s.shape)
-        return total
+        slots = self.leaf_slots(rec.module)
+        parts = self.kind_of(rec.module).batch_grad(cap, rec, call, [attr for attr, _ in slots])
+        for attr, s in slots:
+            total[id(s.param)] += parts[attr].reshape(s.shape)
 
     def dense(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """The feature of dense gradients, one tensor per slot ``(*batch, *param_shape)``: ``(*batch, *feature_shape)``."""
@@ -244,6 +238,9 @@ class SketchFeaturizer(Featurizer):
 
     def target(self, out: torch.Tensor) -> "BatchTarget":
         return BatchTarget(out, self.sketch_dim, self.n_groups)
+
+    def finish(self, target: "BatchTarget") -> None:
+        target.finish()
 
     def add_call(self, kind: LeafKind, cap: StepCapture, rec: LeafCalls, call: int,
                  slots: list[tuple[str, ParamSlot]], target: "BatchTarget", step: int) -> None:

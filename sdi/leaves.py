@@ -16,7 +16,9 @@ Each kind is one class, looked up by the module's type (:func:`leaf_kind`; a sub
 gradient (the exact feature), its batch gradient (for the completeness check against autograd), and how it adds
 itself to an exact and to a sketched feature. The base class derives the last three from the first, so a new
 kind needs only ``per_example``; the closed-form kinds override the others with faster routes (a batched matmul
-written straight into the feature, a TensorSketch that never forms the gradient). Adding a kind::
+written straight into the feature, a TensorSketch that never forms the gradient). Closed-form kinds run inside
+the backward pass, as each call's ``delta`` arrives, under ``no_grad`` (the generic kind runs after it). Adding a
+kind::
 
     @sdi.leaves.register_leaf_kind(MyScale)
     class ScaleLeaf(sdi.leaves.LeafKind):
