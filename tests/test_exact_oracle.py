@@ -153,3 +153,40 @@ def test_weight_shared_by_two_layers_in_the_loop_matches_oracle():
     ours = attr.features([batch]).features
     oracle = oracle_per_step_grads(model, ["mix", "gate"], attr.param_names, next_token_loss, batch, n_steps=3)
     assert rel_err(ours, oracle) < RTOL
+
+
+class InPlaceBody(torch.nn.Module):
+    """A loop body that rescales a Linear's output in place (``y.mul_(2)``), as some model code does."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(d, d)
+        self.norm = torch.nn.LayerNorm(d)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        y = self.lin(self.norm(h))
+        y.mul_(2.0)
+        return h + torch.tanh(y)
+
+
+class InPlaceNet(torch.nn.Module):
+    def __init__(self, vocab: int = 7, d: int = 8) -> None:
+        super().__init__()
+        self.emb, self.body, self.head = torch.nn.Embedding(vocab, d), InPlaceBody(d), torch.nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor, n_loops: int = 3) -> torch.Tensor:
+        h = self.emb(tokens)
+        for _ in range(n_loops):
+            h = self.body(h)
+        return self.head(h)
+
+
+def test_leaf_output_modified_in_place_matches_oracle():
+    """The delta of a layer is the gradient of its output as the layer returned it, also when the model then
+    changes that tensor in place (the hooks hang on the returned tensor before the change)."""
+    model = InPlaceNet()
+    batch = random_batch(4)
+    attr = sdi.StepInfluence(model, loop=model.body, loss_fn=next_token_loss, sketch_dim=None, progress=False)
+    ours = attr.features([batch]).features
+    oracle = oracle_per_step_grads(model, ["body"], attr.param_names, next_token_loss, batch, n_steps=3)
+    assert rel_err(ours, oracle) < RTOL

@@ -391,6 +391,27 @@ def test_no_per_example_gradient_is_formed():
     assert increase < per_example_bytes / 10, (increase / 2**20, per_example_bytes / 2**20)
 
 
+def test_deltas_are_featurized_as_they_arrive_never_all_at_once(monkeypatch):
+    """Each call's (inputs, delta) become features inside the backward pass and are released: when a call is
+    featurized, at most the calls of one output's gradient wait with a live delta, not those of all tau steps."""
+    model = small_gpt(layers=2, n_loops=4)
+    attr = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=256, progress=False)
+    batch = parity(6, n_bits=6, seed=1).batch(slice(None))
+    live, calls = [], []
+    add = type(attr.featurizer).add
+
+    def spy(self, cap, rec, call, target):
+        calls.append((rec.name, call))
+        live.append(sum(any(g is not None for g in r.grad_outputs[c]) for r in cap.calls.values()
+                        for c in range(len(r))))
+        add(self, cap, rec, call, target)
+
+    monkeypatch.setattr(type(attr.featurizer), "add", spy)
+    attr.features([batch, batch])       # the first batch checks against autograd's gradient, the second does not
+    assert len(attr.leaves) == 16 and len(calls) == 2 * 4 * 16   # 2 batches x 4 steps x 16 leaves, each once
+    assert max(live) == 1, max(live)    # before: every call's delta alive at once (64 per batch)
+
+
 # ------------------------------------------------------------------------------------------ default width
 
 def test_default_sketch_dim_meets_the_accuracy_target():
