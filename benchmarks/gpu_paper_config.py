@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=60, help="AdamW steps before the checkpoint")
     p.add_argument("--ref-python", default=os.environ.get("SDI_REF_PYTHON", "/work/refvenv/bin/python"),
                    help="interpreter of the environment with step-decomposed-influence==0.1.1")
-    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/gpu_paper_config.json)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON path (default benchmarks/results/gpu_paper_config.json, or *_smoke.json)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda"):
         import torch
@@ -58,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def per_checkpoint_table(payload: dict) -> str:
     """Seconds per checkpoint (one checkpoint: the total), over the floor, and peak memory, one row per method."""
-    results = [r for r in payload["results"]]
+    results = payload["results"]
     plain = next((r for r in results if r["method"] == "plain" and r["status"] == "ok"), None)
     lines = ["| method | m | s / checkpoint | featurization s | over plain | peak GPU MB | peak RSS MB |",
              "|---|---:|---:|---:|---:|---:|---:|"]

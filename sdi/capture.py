@@ -226,6 +226,8 @@ class StepCapture:
         return self._anchors[device]
 
     def delta_hook(self, rec: LeafCalls, call: int, j: int):
+        """The tensor hook on output ``j`` of a call: it keeps the delta and, once the call has all of them, hands
+        the call to :meth:`backward`'s ``on_call`` (which makes its features and releases it)."""
         def hook(grad: torch.Tensor) -> None:
             rec.grad_outputs[call][j] = grad.detach()
             rec.pending[call] -= 1
