@@ -44,10 +44,6 @@ def _book_in_background(request: pytest.FixtureRequest, tmp_path_factory: pytest
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
         booktools.Workspace.at(tmp_path_factory.getbasetemp() / "book").start(chapters, build=build)
-    if os.environ.get("CI") and any(item.path.name == "test_explorer_ipywidgets7.py" for item in items):
-        import test_explorer_ipywidgets7   # CI: make its venv meanwhile (mostly downloads and unpacking)
-
-        test_explorer_ipywidgets7.start_making_venv()
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@
 ipywidgets 7.7.1 cannot share an environment with the ipywidgets 8 the rest of the project uses, so it lives in
 its own venv over the system packages (torch, numpy, pytest come from there)::
 
-    python tests/test_explorer_ipywidgets7.py --make-venv        # creates .venv-ipyw7
+    python tests/test_explorer_ipywidgets7.py --make-venv        # creates .venv-ipyw7 (`.ci/run` does this)
 
 The tests run the venv's python in subprocesses: the whole kernel-side suite (``tests/test_explorer.py``) under
 ipywidgets 7.7.1, and a real Notebook 6.5 server with widgetsnbextension 3.6 (the ipywidgets 7 front end) driven
@@ -12,10 +12,8 @@ plays to the last iteration, the keyboard moves the slider and the sign switch w
 ``torch.topk`` of the scores.
 
 Cannot pass silently: without the venv the tests are skipped on a developer's machine (with the command above),
-but with ``CI`` set (``.ci/run`` sets it) ``conftest.py`` creates a missing venv in a background thread when the
-session starts (``start_making_venv``: it is mostly downloads and unpacking, so it overlaps the first tests) and
-these tests wait for it; a venv that could not be made is a failure. The venv's ipywidgets version is asserted
-in every subprocess, so a venv that quietly holds ipywidgets 8 fails too.
+but with ``CI`` set (``.ci/run`` sets it) a missing venv is a failure; and the venv's ipywidgets version is
+asserted in every subprocess, so a venv that quietly holds ipywidgets 8 fails too.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -41,40 +38,14 @@ CHECK_VERSION = "import ipywidgets, sys; assert ipywidgets.__version__ == '7.7.1
 
 def make_venv(path: Path) -> None:
     """Create the ipywidgets 7.7.1 venv (over the system site packages, so torch is not installed twice)."""
-    python = str(path / "bin" / "python")
-    for cmd in ([sys.executable, "-m", "venv", "--system-site-packages", str(path)],
-                [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", *PINS],
-                [python, "-c", CHECK_VERSION]):
-        out = subprocess.run(cmd, capture_output=True, text=True)  # quiet: it may run beside the other tests
-        if out.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd[:5])} ...` failed (exit {out.returncode}): "
-                               f"{(out.stderr or out.stdout).strip()[-2000:]}")
-
-
-_maker: dict = {}  # the background thread of start_making_venv, and what it raised
-
-
-def start_making_venv() -> None:
-    """Create the venv in a background thread unless it exists (``venv_python`` waits for the thread)."""
-    if (VENV / "bin" / "python").exists() or "thread" in _maker:
-        return
-
-    def work() -> None:
-        try:
-            make_venv(VENV)
-        except Exception as exc:  # reported by venv_python, in the test that needs the venv
-            _maker["error"] = exc
-
-    _maker["thread"] = threading.Thread(target=work, name="ipywidgets7-venv", daemon=True)
-    _maker["thread"].start()
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
+    subprocess.run([str(path / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *PINS], check=True)
+    subprocess.run([str(path / "bin" / "python"), "-c", CHECK_VERSION], check=True)
 
 
 @pytest.fixture(scope="module")
 def venv_python() -> Path:
-    if "thread" in _maker:
-        _maker["thread"].join()
-        if "error" in _maker:
-            pytest.fail(f"could not create the ipywidgets 7.7.1 venv at {VENV}: {_maker['error']}")
     python = VENV / "bin" / "python"
     if not python.exists():
         message = (f"no ipywidgets 7.7.1 venv at {VENV}; create it with "
