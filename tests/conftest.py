@@ -12,14 +12,11 @@ BOOK = Path(__file__).resolve().parents[1] / "book"
 
 # The book's chapters take half of CI's time, on both cores, yet they only wait on their kernels. So they start in a
 # background thread before the first test (`_book_in_background`) and the tests that need them run last, in this
-# order: the explorer's browser tests (they need no chapter, and run while the last chapters do), the chapter
-# tests (they wait for the chapters), the build test (the background thread builds the book as soon as the
-# chapters are done), the book's browser tests. Everything else runs first, while the chapters execute.
-RUN_LAST = ["test_explorer_browser.py", "test_explorer_ipywidgets7.py", "test_book.py::test_chapter_executes",
+# order: the chapter tests (they wait for the chapters), the explorer's browser tests (they overlap the book's
+# build, which the background thread starts next), the build test, the book's browser tests. Everything else runs
+# first, while the chapters execute.
+RUN_LAST = ["test_book.py::test_chapter_executes", "test_explorer_browser.py", "test_explorer_ipywidgets7.py",
             "test_book.py::test_book_builds", "test_book_browser.py"]
-# their ranks (1-based) in RUN_LAST: the tests that need the executed chapters, and those that need the HTML
-CHAPTER_TESTS = {RUN_LAST.index("test_book.py::test_chapter_executes") + 1}
-BUILD_TESTS = {RUN_LAST.index("test_book.py::test_book_builds") + 1, RUN_LAST.index("test_book_browser.py") + 1}
 
 
 def _last_rank(item: pytest.Item) -> int:
@@ -35,8 +32,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _book_in_background(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Start executing the chapters this session tests (and building the book, if a test needs the HTML)."""
     items = request.session.items
-    chapters = [item.callspec.params["chapter"] for item in items if _last_rank(item) in CHAPTER_TESTS]
-    build = any(_last_rank(item) in BUILD_TESTS for item in items)
+    chapters = [item.callspec.params["chapter"] for item in items if _last_rank(item) == 1]
+    build = any(_last_rank(item) in (4, 5) for item in items)
     if chapters or build:
         sys.path.insert(0, str(BOOK))
         import booktools
