@@ -4,8 +4,8 @@ The CUDA test runs where a CUDA device is visible (and is skipped, saying so, wh
 also runs CPU against CPU on every machine, so the comparison itself (moving a model, its loop and its batches to
 another device, then reading features and scores back) is exercised everywhere, not only on GPU machines.
 
-Covered: the exact features, both Linear sketch kernels (FFT and direct), LayerNorm, RMSNorm, Embedding, a tied
-weight, the generic ``torch.func`` path (``models.Gain``), and the scoring core (``influence``).
+Covered: the exact features, both Linear sketch kernels (FFT and direct), LayerNorm, RMSNorm, Embedding, a Linear
+used twice per step, the generic ``torch.func`` path (``models.Gain``), and the scoring core (``influence``).
 """
 
 from __future__ import annotations
