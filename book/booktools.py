@@ -485,7 +485,7 @@ class Workspace:
         """Execute the chapters ``names`` (then, with ``build``, build the HTML) in a background thread.
 
         The tests call this before their first test and run the book's tests last: the other tests run while
-        the chapters execute, on the same 2 cores (CI's wall time drops by the shorter of the two).
+        the chapters execute, so both cores stay busy instead of one while the non-book tests run.
         :meth:`execute` and :meth:`build` wait for it; an error in the background is raised there.
         """
         if self._background is not None:

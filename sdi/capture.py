@@ -38,9 +38,8 @@ class LeafCalls:
     """Everything one parameterised module saw during one forward/backward pass.
 
     For call ``c``: ``steps[c]`` is the iteration, ``args[c]``/``kwargs[c]`` the (detached) inputs,
-    ``outputs[c]`` whether each output is tracked and, during :meth:`StepCapture.backward`, ``grad_outputs[c]``
-    the gradient of the summed per-example losses with respect to each output (``None`` when it did not
-    influence the loss). The leading dimension of every tensor is the example dimension ``B``. Once a call
+    during :meth:`StepCapture.backward`, ``grad_outputs[c]`` the gradient of the summed per-example losses with
+    respect to each output (``None`` when it did not influence the loss). The leading dimension of every tensor is the example dimension ``B``. Once a call
     has been handed to ``on_call`` its inputs and gradients are released (``released(c)``).
     """
 
@@ -49,7 +48,6 @@ class LeafCalls:
     steps: list[int] = field(default_factory=list)
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict] = field(default_factory=list)
-    outputs: list = field(default_factory=list)
     grad_outputs: list = field(default_factory=list)
     #: per call: how many of its outputs still wait for their gradient
     pending: list[int] = field(default_factory=list)
@@ -203,7 +201,6 @@ class StepCapture:
             rec.kwargs.append({k: v.detach() if torch.is_tensor(v) else v for k, v in kwargs.items()})
             tracked = [torch.is_tensor(o) and o.requires_grad and (o.is_floating_point() or o.is_complex())
                        for o in outputs]
-            rec.outputs.append(tracked)
             rec.grad_outputs.append([None] * len(outputs))
             rec.pending.append(sum(tracked))
             if not any(tracked):

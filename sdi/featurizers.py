@@ -34,11 +34,16 @@ class Featurizer:
         self.slots = slots
         self.slot_of = {id(s.param): s for s in slots}
         self._kinds: dict[int, LeafKind] = {}
+        self._leaf_slots: dict[int, list[tuple[str, ParamSlot]]] = {}
 
     def leaf_slots(self, module: nn.Module) -> list[tuple[str, ParamSlot]]:
-        """``(attribute, slot)`` of every attributed parameter ``module`` owns — tied weights included."""
-        return [(attr, self.slot_of[id(p)]) for attr, p in module.named_parameters(recurse=False)
-                if id(p) in self.slot_of]
+        """``(attribute, slot)`` of every attributed parameter ``module`` owns — tied weights included (looked up
+        once per module: it is asked for at every recorded call)."""
+        if id(module) not in self._leaf_slots:
+            self._leaf_slots[id(module)] = [(attr, self.slot_of[id(p)])
+                                            for attr, p in module.named_parameters(recurse=False)
+                                            if id(p) in self.slot_of]
+        return self._leaf_slots[id(module)]
 
     def kind_of(self, module: nn.Module) -> LeafKind:
         """The module's :class:`~sdi.leaves.LeafKind` (looked up once per module)."""
