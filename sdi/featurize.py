@@ -203,12 +203,14 @@ def _compute(root: Path, attr: Any, source: ChunkSource, refs: list, header: dic
     device = next(attr.model.parameters()).device
     bar = progress_bar(None, progress and rank == 0, total=sum(map(len, todo.values())), unit="chunk",
                        desc=f"featurize (rank {rank}/{world})" if world > 1 else "featurize")
+    check = True   # the hooks are checked on the first chunk this run computes (see StepInfluence.stream_features)
     try:
         with CheckpointWalk(attr.model, refs) as walk:
             for k, _ in walk.visit(skip={k for k, chunks in todo.items() if not chunks}):
                 for i in todo[k]:
                     batches = [to_device(b, device) for b in source.batches(i)]
-                    parts = list(attr.stream_features(batches, loss_fn, progress=False))  # one bar per chunk
+                    parts = list(attr.stream_features(batches, loss_fn, progress=False, check=check))  # one bar per chunk
+                    check = False
                     write_chunk(root, k, i, source.rows(i), torch.cat([f for f, _ in parts]),
                                 torch.cat([l for _, l in parts]), dtype, digests[i], made_under)
                     stats.computed += 1
@@ -287,6 +289,6 @@ def query_features(attr: Any, checkpoints: Sequence[CheckpointSpec], query_batch
     device = next(attr.model.parameters()).device
     batches = [to_device(b, device) for b in as_batches(query_batches, "query_batches")]
     with CheckpointWalk(attr.model, refs) as walk:
-        feats = [attr.features(batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{len(refs)})")
+        feats = [attr.features(batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{len(refs)})", check=k == 0)
                  for k, _ in walk]
     return QueryFeatures(feats, [r.identity() for r in refs])

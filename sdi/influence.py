@@ -134,11 +134,14 @@ class StepInfluence:
 
     # -- features ------------------------------------------------------------------------------------
     def stream_features(self, batches: Sequence, loss_fn: Callable | None = None, desc: str = "features",
-                        progress: bool | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                        progress: bool | None = None, check: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(features (B, T, *feature_shape), losses (B,))`` of each batch in turn, at the current weights.
 
-        The first batch is checked against autograd (every use of every parameter seen); every batch must run the
-        loop as often as the first.
+        With ``check`` the first batch is checked against autograd (every use of every parameter seen). The check
+        costs that batch two weight-gradient GEMMs per layer and step (autograd's and the rebuilt one), so callers
+        that make several passes with the same model and loss (one per checkpoint) check the first pass only:
+        which parameter uses the hooks see is a property of the code, not of the weights. Every batch must run
+        the loop as often as the first.
         """
         loss_fn = self.loss_fn if loss_fn is None else loss_fn
         if not callable(loss_fn):
@@ -149,13 +152,15 @@ class StepInfluence:
         with _eval_mode(self.model):
             for i, batch in enumerate(progress_bar(batches, show and len(batches) >= 4, desc=desc, leave=False)):
                 feats, losses = batch_features(self.model, self.loop_modules, self.leaves, self.featurizer, loss_fn,
-                                               batch, T, check=i == 0, on_steps=self._on_steps)
+                                               batch, T, check=check and i == 0, on_steps=self._on_steps)
                 T = feats.shape[1]
                 yield feats, losses
 
-    def features(self, batches: Iterable, loss_fn: Callable | None = None, desc: str = "features") -> StepFeatures:
-        """Per-example, per-step features at the model's current weights: ``(N, T, *feature_shape)``."""
-        parts = list(self.stream_features(as_batches(batches, "batches"), loss_fn, desc))
+    def features(self, batches: Iterable, loss_fn: Callable | None = None, desc: str = "features",
+                 check: bool = True) -> StepFeatures:
+        """Per-example, per-step features at the model's current weights: ``(N, T, *feature_shape)`` (``check``: as
+        in :meth:`stream_features`)."""
+        parts = list(self.stream_features(as_batches(batches, "batches"), loss_fn, desc, check=check))
         return StepFeatures(torch.cat([f for f, _ in parts]), torch.cat([l for _, l in parts]), self.fingerprint())
 
     # -- influence -----------------------------------------------------------------------------------
@@ -213,10 +218,13 @@ class StepInfluence:
         train_losses, query_losses = [], []
         with walk:
             for k, ref in walk:
-                query = self.features(query_batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{K})")
+                # the hooks are checked on the first checkpoint's first batches (query and train side) only
+                query = self.features(query_batches, query_loss_fn, desc=f"queries (checkpoint {k + 1}/{K})",
+                                      check=k == 0)
                 block = QueryBlock.of(query.features)
                 start, losses = 0, []
-                for feats, l in self.stream_features(train_batches, desc=f"train (checkpoint {k + 1}/{K})"):
+                for feats, l in self.stream_features(train_batches, desc=f"train (checkpoint {k + 1}/{K})",
+                                                     check=k == 0):
                     scores.add(k, start, score_block(feats, block, ref.eta, step_matrix=step_matrix,
                                                      sketch_dim=self.sketch_dim))
                     start += len(l)
@@ -243,9 +251,9 @@ class StepInfluence:
         batches = as_batches(batches, "batches")
         parts = []
         with CheckpointWalk(self.model, checkpoints) as walk:
-            for _, ref in walk:
-                parts.append(torch.cat([self_scores(f, ref.eta).cpu()
-                                        for f, _ in self.stream_features(batches, desc="self-influence")]))
+            for k, ref in walk:
+                parts.append(torch.cat([self_scores(f, ref.eta).cpu() for f, _ in
+                                        self.stream_features(batches, desc="self-influence", check=k == 0)]))
         return sum_checkpoints(parts)
 
 

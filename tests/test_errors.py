@@ -96,6 +96,46 @@ def test_parameter_used_outside_the_hooks_is_not_dropped():
         attr.features([random_batch(4)])
 
 
+def test_hooks_are_checked_on_the_first_checkpoint_of_every_call(tmp_path, monkeypatch):
+    """The completeness check costs its batch two weight-gradient GEMMs per layer and step, so it runs once per
+    call and side (first checkpoint, first batch), not once per checkpoint; a missed use is still refused."""
+    import sdi.features
+
+    class Sneaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(12, 12)
+
+        def forward(self, h, h0, tokens):
+            return h + torch.tanh(self.lin(h)) + F.linear(h0, self.lin.weight)
+
+    model = TwoModuleLoopNet()
+    ckpts = []
+    for k in range(3):
+        torch.manual_seed(k)
+        ckpts.append(({n: torch.randn_like(p) for n, p in model.state_dict().items()}, 0.1))
+    real, checks = sdi.features.check_gradients_match, []
+    monkeypatch.setattr(sdi.features, "check_gradients_match", lambda *a, **kw: (checks.append(1), real(*a, **kw)))
+    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, sketch_dim=4096,
+                             progress=False)
+    batches = [random_batch(4, seed=s) for s in range(3)]
+    attr.influence(batches, batches[:1], checkpoints=ckpts)
+    assert len(checks) == 2                                  # queries and train, at the first checkpoint
+    checks.clear()
+    attr.influence(batches, batches[:1], checkpoints=ckpts, store=tmp_path / "store")
+    assert len(checks) == 2                                  # the store's first chunk and the queries
+    checks.clear()
+    attr.self_influence(batches, checkpoints=ckpts)
+    assert len(checks) == 1
+
+    model.mix = Sneaky()
+    attr = sdi.StepInfluence(model, loop=[model.mix, model.gate], loss_fn=next_token_loss, progress=False)
+    with pytest.raises(sdi.CaptureError, match=r"mix\.lin\.weight"):
+        attr.influence(batches, batches[:1], checkpoints=[(model.state_dict(), 0.1)] * 2)
+    with pytest.raises(sdi.CaptureError, match=r"mix\.lin\.weight"):
+        attr.influence(batches, batches[:1], checkpoints=[(model.state_dict(), 0.1)] * 2, store=tmp_path / "s2")
+
+
 def test_leaf_shared_with_module_outside_loop():
     model = TwoModuleLoopNet()
     model.emb = model.mix.tok  # the prelude reuses an embedding that lives in the loop
