@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .capture import LeafCalls, ParamSlot, StepCapture
 from .leaves import LeafKind, NormLeaf, leaf_kind
-from .sketch import (DEFAULT_MAX_CHUNK_ELEMENTS, HASH_VERSION, OUTER_BLOCK_ELEMENTS, CountSketch, Spec,
+from .sketch import (CACHED_FLAT_HASH_ELEMENTS, DEFAULT_MAX_CHUNK_ELEMENTS, HASH_VERSION, CountSketch, Spec,
                      TensorSketch, choose_linear_kernel, sketch_spec)
 
 GroupSpec = None | str | Callable[[str], str]
@@ -277,8 +277,8 @@ class SketchFeaturizer(Featurizer):
         return self._on_device[key]
 
     def flat_hash(self, slot: ParamSlot, spec: TensorSketch, device: torch.device) -> CountSketch | None:
-        """The combined hash of a small matrix, cached (None when it would exceed the outer kernel's block)."""
-        if slot.numel > OUTER_BLOCK_ELEMENTS:
+        """The combined hash of a small matrix, cached (None above ``CACHED_FLAT_HASH_ELEMENTS`` entries)."""
+        if slot.numel > CACHED_FLAT_HASH_ELEMENTS:
             return None
         key = (id(slot.param), str(device))
         if key not in self._flat_cache:

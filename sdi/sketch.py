@@ -45,8 +45,16 @@ DEFAULT_SKETCH_DIM = 32768
 #: Largest temporary a kernel allocates, in float32 elements (the peak is a small multiple of it).
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 
-#: Block of per-example outer products formed at once by the direct kernel (float32 elements, ~1 MB).
-OUTER_BLOCK_ELEMENTS = 1 << 18
+#: Block of per-example outer products formed at once by the direct kernel on a CPU (float32 elements, 4 MB: in
+#: L3; 1 MB and 2 MB blocks measured no faster on one thread and slower on two).
+OUTER_BLOCK_ELEMENTS = 1 << 20
+
+#: Examples per thread in one block of the direct kernel (its scatter splits a block's examples between threads).
+OUTER_EXAMPLES_PER_THREAD = 2
+
+#: Matrices up to this many entries keep their combined hash for the direct kernel (int64: 2 MB at most); larger
+#: ones recompute it per block of out-rows, about 2% of that kernel's time.
+CACHED_FLAT_HASH_ELEMENTS = 1 << 18
 
 HASH_VERSION = "splitmix64-v1"
 
@@ -194,20 +202,25 @@ def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tens
                         flat: CountSketch | None = None, budget: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> None:
     """The same sketches by the direct route: form ``G`` for a block of examples, scatter it into ``m`` buckets.
 
-    Cheaper than the FFT for small ``rows x cols``. ``target`` (R, m) float32 += the sketches. The block
-    (examples x out-rows x cols) never exceeds ``budget``; on a CPU it stays near L2 size, so the scatter reads
-    ``G`` while it is still in cache.
+    Cheaper than the FFT for small ``rows x cols``. ``target`` (R, m) float32 += the sketches. ``flat``, the
+    combined hash of the whole matrix (row-major), saves recomputing it per call; any block of out-rows is a
+    contiguous slice of it. The block (examples x out-rows x cols) never exceeds ``budget``.
     """
     n_out, n_in = spec.shape
     R = a.shape[0]
-    # on a CPU a block of examples keeps its G (examples x out_step x n_in) and its target rows (examples x m)
-    # near L2 size; a GPU wants big blocks
+    # on a CPU a block's G (examples x out_step x n_in) and its target rows (examples x m) stay in the L2/L3
+    # caches while the scatter reads them; a GPU wants big blocks
     cache = OUTER_BLOCK_ELEMENTS if a.device.type == "cpu" else budget
     budget = min(budget, cache)
-    out_step = max(1, min(n_out, budget // n_in))
-    ex_step = max(1, min(budget // (out_step * n_in), cache // spec.sketch_dim))
+    # index_add_ along dim 1 splits a block's examples between threads: with one example per block (a wide layer
+    # filled the block by itself) the scatter ran on one thread (2 threads: 1.1x at d 512); at least two examples
+    # per thread in every block, with fewer out-rows each, give 1.7-1.8x (benchmarks/sketch_speed.py --thread-scaling)
+    min_examples = max(1, min(R, OUTER_EXAMPLES_PER_THREAD * torch.get_num_threads())) if a.device.type == "cpu" else 1
+    out_step = max(1, min(n_out, budget // (n_in * min_examples)))
+    ex_step = max(min_examples, min(budget // (out_step * n_in), cache // spec.sketch_dim))
     for o0 in range(0, n_out, out_step):
-        buckets = flat.buckets if out_step == n_out and flat is not None else spec.flat(o0, o0 + out_step).buckets
+        buckets = (flat.buckets[o0 * n_in : (o0 + out_step) * n_in] if flat is not None
+                   else spec.flat(o0, o0 + out_step).buckets)
         row_signs = spec.rows.signs[o0 : o0 + out_step]
         for r0 in range(0, R, ex_step):
             # signs folded into the factors a block at a time: small temporaries the allocator reuses (signing
