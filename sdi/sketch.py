@@ -46,7 +46,8 @@ DEFAULT_SKETCH_DIM = 32768
 DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 
 #: Block of per-example outer products formed at once by the direct kernel on a CPU (float32 elements, 4 MB: in
-#: L3; 1 MB and 2 MB blocks measured no faster on one thread and slower on two).
+#: L3). Measured at d 512: as fast as 1 MB blocks on one thread, and 1.7x instead of 1.35x on two (2 MB: within
+#: noise of 4 MB).
 OUTER_BLOCK_ELEMENTS = 1 << 20
 
 #: Examples per thread in one block of the direct kernel (its scatter splits a block's examples between threads).
@@ -210,12 +211,13 @@ def tensor_sketch_outer(target: torch.Tensor, delta: torch.Tensor, a: torch.Tens
     R = a.shape[0]
     # on a CPU a block's G (examples x out_step x n_in) and its target rows (examples x m) stay in the L2/L3
     # caches while the scatter reads them; a GPU wants big blocks
-    cache = OUTER_BLOCK_ELEMENTS if a.device.type == "cpu" else budget
+    on_cpu = a.device.type == "cpu"
+    cache = OUTER_BLOCK_ELEMENTS if on_cpu else budget
     budget = min(budget, cache)
     # index_add_ along dim 1 splits a block's examples between threads: with one example per block (a wide layer
-    # filled the block by itself) the scatter ran on one thread (2 threads: 1.1x at d 512); at least two examples
-    # per thread in every block, with fewer out-rows each, give 1.7-1.8x (benchmarks/sketch_speed.py --thread-scaling)
-    min_examples = max(1, min(R, OUTER_EXAMPLES_PER_THREAD * torch.get_num_threads())) if a.device.type == "cpu" else 1
+    # filled the block by itself) the scatter ran on one thread (2 threads: 1.2x at d 512); at least two examples
+    # per thread in every block, with fewer out-rows each, give 1.75x (benchmarks/sketch_speed.py --thread-scaling)
+    min_examples = max(1, min(R, OUTER_EXAMPLES_PER_THREAD * torch.get_num_threads())) if on_cpu else 1
     out_step = max(1, min(n_out, budget // (n_in * min_examples)))
     ex_step = max(min_examples, min(budget // (out_step * n_in), cache // spec.sketch_dim))
     for o0 in range(0, n_out, out_step):
