@@ -6,6 +6,8 @@ subprocess (so peak RSS is per method):
     plain          a plain forward + backward over the same examples and checkpoints (the floor)
     ours_exact     sdi.StepInfluence(..., sketch_dim=None)
     ours_sketch    sdi.StepInfluence(..., sketch_dim=m)            m = total feature width
+    ours_blocks    sdi.StepInfluence(..., sketch_dim=m, groups="tensor")   m per weight matrix (+ one block of m
+                                                                          for the 1-D parameters)
     ref_exact      FullGradientTracInSDI       (step-decomposed-influence 0.1.1)
     ref_projected  ProjectedTracInSDI(projection_size=m)           m per parameter tensor
 
@@ -42,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402  (never imports the `sdi` package: safe in both environments)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-OURS = ("plain", "ours_exact", "ours_sketch")
+OURS = ("plain", "ours_exact", "ours_sketch", "ours_blocks")
+#: our sketched methods (accuracy and speed targets are checked for each of them)
+SKETCHED = ("ours_sketch", "ours_blocks")
 REF = ("ref_exact", "ref_projected")
 METHODS = OURS + REF
 TOP_K = 10
@@ -124,7 +128,7 @@ def run_plain(model, train, query, ckpts, m, device) -> tuple[None, Stopwatch]:
     return None, watch
 
 
-def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopwatch]:
+def run_ours(model, train, query, ckpts, m, device, groups=None) -> tuple[torch.Tensor, Stopwatch]:
     """``sdi.StepInfluence(...).influence``; featurization = time inside ``sdi.influence.batch_features``."""
     import sdi
     import sdi.influence as influence_module
@@ -133,7 +137,8 @@ def run_ours(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopw
         raise ImportError(f"'sdi' resolved to {sdi.__file__}, which is not this repository's package")
     watch = Stopwatch(influence_module.batch_features, device)
     influence_module.batch_features = watch
-    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=bm.loss_fn, sketch_dim=m, seed=0, progress=False)
+    attr = sdi.StepInfluence(model, loop=model.block, loss_fn=bm.loss_fn, sketch_dim=m, seed=0, progress=False,
+                             groups=groups)
     res = attr.influence(train, query, checkpoints=[(path, eta) for path, eta in ckpts])
     return res.sdi, watch
 
@@ -158,7 +163,12 @@ def run_ref(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopwa
     return out.sdi, watch
 
 
-RUNNERS = {"plain": run_plain, "ours_exact": run_ours, "ours_sketch": run_ours,
+def run_ours_blocks(model, train, query, ckpts, m, device) -> tuple[torch.Tensor, Stopwatch]:
+    """Ours with one block of ``m`` per weight matrix (the reference's layout): ``groups="tensor"``."""
+    return run_ours(model, train, query, ckpts, m, device, groups="tensor")
+
+
+RUNNERS = {"plain": run_plain, "ours_exact": run_ours, "ours_sketch": run_ours, "ours_blocks": run_ours_blocks,
            "ref_exact": run_ref, "ref_projected": run_ref}
 
 
@@ -229,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=100, help="AdamW steps that produce the checkpoints")
     p.add_argument("--sketch-m", type=int, nargs="*", default=[1024, 2048, 4096, 8192, 16384, 32768],
                    help="ours: total sketch width m (the library default is sdi.sketch.DEFAULT_SKETCH_DIM)")
+    p.add_argument("--blocks-m", type=int, nargs="*", default=[1024, 2048],
+                   help="ours_blocks: sketch width per weight matrix")
     p.add_argument("--ref-m", type=int, nargs="*", default=[256, 1024],
                    help="reference: projection_size per parameter tensor (width = m x tensors)")
     p.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
@@ -256,8 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--d-model must be a multiple of --n-heads (default heads of width 32)")
     if args.seq_len is not None and (args.task != "parity" or args.seq_len < 3):
         p.error("--seq-len applies to --task parity and must be >= 3")
-    if any(m < 1 for m in args.sketch_m + args.ref_m):
-        p.error("sketch sizes must be >= 1")
+    if any(m < 2 for m in args.sketch_m + args.blocks_m + args.ref_m):
+        p.error("sketch sizes must be >= 2")
     return args
 
 
@@ -300,10 +312,11 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict:
     return spec
 
 
-def loop_shape(model_config: dict) -> tuple[int, int]:
-    """(number of parameter tensors, number of parameters) of the loop body ``model.block``."""
+def loop_shape(model_config: dict) -> tuple[int, int, int]:
+    """(parameter tensors, parameters, blocks of ``groups="tensor"``) of the loop body ``model.block``."""
     params = [p for p in bm.build_model(model_config).block.parameters() if p.requires_grad]
-    return len(params), sum(p.numel() for p in params)
+    matrices = sum(p.dim() >= 2 for p in params)
+    return len(params), sum(p.numel() for p in params), matrices + (matrices < len(params))
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
@@ -311,6 +324,8 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, int | None]]:
     for method in args.methods:
         if method == "ours_sketch":
             runs += [(method, m) for m in args.sketch_m]
+        elif method == "ours_blocks":
+            runs += [(method, m) for m in args.blocks_m]
         elif method == "ref_projected":
             runs += [(method, m) for m in args.ref_m]
         else:
@@ -370,11 +385,13 @@ def add_accuracy(results: list[dict]) -> str | None:
     return exact_run["method"]
 
 
-def feature_width(r: dict, n_tensors: int, n_params: int) -> int | None:
+def feature_width(r: dict, n_tensors: int, n_params: int, n_blocks: int) -> int | None:
     if r["method"] in ("ours_exact", "ref_exact"):
         return n_params
     if r["method"] == "ours_sketch":
         return r["m"]
+    if r["method"] == "ours_blocks":
+        return r["m"] * n_blocks
     if r["method"] == "ref_projected":
         return r["m"] * n_tensors
     return None
@@ -413,12 +430,18 @@ def time_ratio(a: dict, b: dict, key: str) -> dict[str, float] | None:
     return {"wall": a[f"{key}_s"] / b[f"{key}_s"], "cpu": a[f"{key}_cpu_s"] / b[f"{key}_cpu_s"]}
 
 
+def label(r: dict) -> str:
+    """``"ours_sketch m=16384"``: a sketched run's method and width (the keys of the per-run ratios)."""
+    return f"{r['method']} m={r['m']}"
+
+
 def ratios(results: list[dict]) -> dict[str, Any]:
     """The issue's targets, each as a ratio taken from this run (time ratios as wall and CPU time)."""
     out: dict[str, Any] = {}
     plain = ok(results, "plain")
     ours_exact, ref_exact = ok(results, "ours_exact"), ok(results, "ref_exact")
-    sketches, projected = ok(results, "ours_sketch"), ok(results, "ref_projected")
+    sketches = [r for method in SKETCHED for r in ok(results, method)]
+    projected = ok(results, "ref_projected")
     key = f"top{TOP_K}"
     # 1. at equal or lower error and equal or higher top-k overlap: time and peak memory vs the reference
     matched = []
@@ -428,10 +451,11 @@ def ratios(results: list[dict]) -> dict[str, Any]:
             continue
         good = [s for s in sketches if "accuracy" in s and s["accuracy"]["rel_err"] <= ra["rel_err"]
                 and s["accuracy"][key] >= ra[key]]
-        entry = {"ref_m": ref["m"], "ref_rel_err": ra["rel_err"], f"ref_{key}": ra[key], "ours_m": None}
+        entry = {"ref_m": ref["m"], "ref_rel_err": ra["rel_err"], f"ref_{key}": ra[key], "ours_m": None,
+                 "ours_method": None}
         if good:
             best = min(good, key=lambda s: s["total_cpu_s"])  # CPU time: steadier than wall time when shared
-            entry.update(ours_m=best["m"], ours_rel_err=best["accuracy"]["rel_err"],
+            entry.update(ours_m=best["m"], ours_method=best["method"], ours_rel_err=best["accuracy"]["rel_err"],
                          **{f"ours_{key}": best["accuracy"][key]}, time_ratio=time_ratio(best, ref, "total"),
                          memory_ratio=best["peak_rss_mb"] / ref["peak_rss_mb"],
                          memory_delta_ratio=(best["peak_rss_mb"] - best["base_rss_mb"])
@@ -440,9 +464,9 @@ def ratios(results: list[dict]) -> dict[str, Any]:
     out["sketch_vs_ref_projected"] = matched
     # 2. featurization and the whole computation vs the plain forward + backward floor (time and peak memory)
     if plain:
-        out["sketch_featurize_over_plain"] = {s["m"]: time_ratio(s, plain[0], "featurize") for s in sketches}
-        out["sketch_total_over_plain"] = {s["m"]: time_ratio(s, plain[0], "total") for s in sketches}
-        out["sketch_memory_over_plain"] = {s["m"]: s["peak_rss_mb"] / plain[0]["peak_rss_mb"] for s in sketches}
+        out["sketch_featurize_over_plain"] = {label(s): time_ratio(s, plain[0], "featurize") for s in sketches}
+        out["sketch_total_over_plain"] = {label(s): time_ratio(s, plain[0], "total") for s in sketches}
+        out["sketch_memory_over_plain"] = {label(s): s["peak_rss_mb"] / plain[0]["peak_rss_mb"] for s in sketches}
         out["ref_total_over_plain"] = {r["m"]: time_ratio(r, plain[0], "total") for r in projected}
         out["ref_memory_over_plain"] = {r["m"]: r["peak_rss_mb"] / plain[0]["peak_rss_mb"] for r in projected}
         if ours_exact:
@@ -468,13 +492,13 @@ def ratio_report(r: dict[str, Any]) -> str:
         head = (f"- ref_projected m={e['ref_m']} (rel err {e['ref_rel_err']:.4f}, top-{TOP_K} "
                 f"{e[f'ref_top{TOP_K}']:.3f}): ")
         if e["ours_m"] is None:
-            lines.append(head + "no ours_sketch run reached equal or lower error and equal or higher overlap")
+            lines.append(head + "no run of ours reached equal or lower error and equal or higher overlap")
         else:
-            lines.append(head + f"cheapest ours_sketch at <= error is m={e['ours_m']}: total time ratio "
+            lines.append(head + f"cheapest of ours at <= error is {e['ours_method']} m={e['ours_m']}: total time ratio "
                          f"{fmt_ratio(e['time_ratio'])} (target <= 0.33), peak RSS ratio {e['memory_ratio']:.2f} "
                          f"(target <= 0.33; above-baseline ratio {e['memory_delta_ratio']:.2f})")
     for m, v in r.get("sketch_total_over_plain", {}).items():
-        lines.append(f"- ours_sketch m={m} whole influence / plain fwd+bwd: {fmt_ratio(v)} (target <= 1.15 at "
+        lines.append(f"- {m} whole influence / plain fwd+bwd: {fmt_ratio(v)} (target <= 1.15 at "
                      f"d >= 256, <= 1.6 at d 128); peak RSS / plain {r['sketch_memory_over_plain'][m]:.2f} "
                      "(target <= 1.25)")
     for m, v in r.get("ref_total_over_plain", {}).items():
@@ -521,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = os.getloadavg()
     print(f"preparing {config_tag(args)} in {workdir} ...", flush=True)
     spec = prepare(args, workdir)
-    n_tensors, n_params = loop_shape(spec["model_config"])
+    n_tensors, n_params, n_blocks = loop_shape(spec["model_config"])
     results = []
     for method, m in planned_runs(args):
         # measured: FullGradientTracInSDI peaks at ~3.1x one float32 copy of the train features (N, T, P)
@@ -533,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = run_worker(args, workdir, method, m)
             print(r["status"] if r["status"] != "ok" else f"{r['total_s']:.1f} s, {r['peak_rss_mb']:.0f} MB",
                   flush=True)
-        r["width"] = feature_width(r, n_tensors, n_params)
+        r["width"] = feature_width(r, n_tensors, n_params, n_blocks)
         results.append(r)
     accuracy_reference = add_accuracy(results)
     rat = ratios(results)

@@ -6,10 +6,11 @@ checkpoints, batches and loss — with the methods
 
     plain          forward + backward of the summed loss (the floor)
     ours_exact     exact SDI (the accuracy reference)
-    ours_sketch    sdi.StepInfluence(sketch_dim=m) for every --m
+    ours_sketch    sdi.StepInfluence(sketch_dim=m) for every --m            (one m-vector for all parameters)
+    ours_blocks    sdi.StepInfluence(sketch_dim=m, groups="tensor") for every --blocks-m   (m per weight matrix)
     ref_projected  step-decomposed-influence 0.1.1, ProjectedTracInSDI(projection_size=1024 per tensor)
 
-and prints one row per configuration: for ours, the cheapest m (by CPU time) at equal or better relative error
+and prints one row per configuration: for ours, the cheapest run (by CPU time) at equal or better relative error
 **and** top-10 overlap than the reference; times as wall and CPU seconds (CPU seconds are steadier on a shared
 machine); ratios to the floor and to the reference taken from the same run. JSON: benchmarks/results/width_sweep.json
 (and one compare_*.json per configuration).
@@ -44,7 +45,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     n_train = args.n_train or n_train
     argv = ["--task", "parity", "--seq-len", str(seq), "--d-model", str(d), "--n-heads", str(heads),
             "--n-train", str(n_train), "--n-query", "16", "--tau", "6", "--k", str(args.k), "--batch-size", "32",
-            "--methods", *args.methods, "--sketch-m", *map(str, args.m), "--ref-m", str(args.ref_m),
+            "--methods", *args.methods, "--sketch-m", *map(str, args.m), "--blocks-m", *map(str, args.blocks_m),
+            "--ref-m", str(args.ref_m),
             "--threads", str(args.threads), "--ref-python", args.ref_python, "--device", args.device,
             "--out", str(RESULTS / f"width_sweep_d{d}_seq{seq}.json")]
     print(f"\n=== d {d}, seq {seq}, N {n_train}+16, {heads} heads", flush=True)
@@ -60,14 +62,14 @@ def summary(row: dict) -> dict:
     plain = by.get(("plain", None))
     ref = next((r for (meth, _), r in by.items() if meth == "ref_projected"), None)
     match = next(iter(row["ratios"].get("sketch_vs_ref_projected", [])), {})
-    ours = by.get(("ours_sketch", match.get("ours_m"))) if match.get("ours_m") else None
+    ours = by.get((match.get("ours_method"), match.get("ours_m"))) if match.get("ours_m") else None
     if ours is None:  # nothing matched the reference: show our most accurate run, flagged
-        sketches = [r for (meth, _), r in by.items() if meth == "ours_sketch" and "accuracy" in r]
-        ours = max(sketches, key=lambda r: r["m"]) if sketches else None
+        sketches = [r for (meth, _), r in by.items() if meth in cr.SKETCHED and "accuracy" in r]
+        ours = min(sketches, key=lambda r: r["accuracy"]["rel_err"]) if sketches else None
     out = {"config": row["name"], "loop_params": row["loop_params"], "matched": bool(match.get("ours_m"))}
     for key, r in (("plain", plain), ("ref", ref), ("ours", ours)):
         if r is not None:
-            out[key] = {"m": r.get("m"), "total_s": r["total_s"], "total_cpu_s": r["total_cpu_s"],
+            out[key] = {"method": r["method"], "m": r.get("m"), "total_s": r["total_s"], "total_cpu_s": r["total_cpu_s"],
                         "peak_rss_mb": r["peak_rss_mb"], "accuracy": r.get("accuracy")}
     if plain and ours:
         out["ours_over_floor"] = {"wall": ours["total_s"] / plain["total_s"],
@@ -105,7 +107,9 @@ def table(rows: list[dict]) -> str:
              "|---|---:|---|---|---|---:|---:|---:|---:|"]
     for s in rows:
         ours = s.get("ours")
-        m = "" if ours is None else f" (m {ours['m']}{'' if s['matched'] else ', NOT as accurate as ref'})"
+        layout = "" if ours is None else ("per matrix" if ours["method"] == "ours_blocks" else "fused")
+        m = "" if ours is None else (f" ({layout}, m {ours['m']}"
+                                     f"{'' if s['matched'] else ', NOT as accurate as ref'})")
         lines.append(
             f"| {s['config']} | {s['loop_params']:,} | {fmt_run(s.get('plain'))} | {fmt_run(s.get('ref'))} "
             f"| {fmt_run(ours)}{m} | {ratio(s, 'ours_over_floor', 'wall', 'cpu')} "
@@ -117,9 +121,12 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
-    ap.add_argument("--m", nargs="+", type=int, default=[2048, 4096, 8192], help="our total sketch widths")
+    ap.add_argument("--m", nargs="+", type=int, default=[16384], help="ours_sketch: total sketch widths")
+    ap.add_argument("--blocks-m", nargs="+", type=int, default=[1024, 2048],
+                    help="ours_blocks: sketch width per weight matrix")
     ap.add_argument("--ref-m", type=int, default=1024, help="reference: projection size per tensor")
-    ap.add_argument("--methods", nargs="+", default=["plain", "ours_exact", "ours_sketch", "ref_projected"])
+    ap.add_argument("--methods", nargs="+", default=["plain", "ours_exact", "ours_sketch", "ours_blocks",
+                                                      "ref_projected"])
     ap.add_argument("--n-train", type=int, default=None, help="override every config's N_train")
     ap.add_argument("--k", type=int, default=3, help="checkpoints")
     ap.add_argument("--threads", type=int, default=1)

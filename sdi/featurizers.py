@@ -126,6 +126,8 @@ class ExactFeaturizer(Featurizer):
 # ------------------------------------------------------------------------------------------ sketched
 
 MODULE_GROUPS = ("attention", "mlp", "norm", "other")
+#: groups="tensor": the block that biases, norm scales and other 1-D parameters share (each matrix has its own)
+VECTORS_GROUP = "vectors"
 _ATTENTION = re.compile(r"(^|[._])(attn|attention|self_attn|self_attention)([._]|$)")
 _MLP = re.compile(r"(^|[._])(mlp|ffn|feed_forward|feedforward)([._]|$)")
 
@@ -148,6 +150,8 @@ def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, n
     if groups == "module":
         leaves = leaves or {}
         return [module_group(s.name, leaves.get(s.leaf)) for s in slots]
+    if groups == "tensor":
+        return [s.name if len(s.shape) >= 2 else VECTORS_GROUP for s in slots]
     if callable(groups):
         names = [groups(s.name) for s in slots]
         bad = [(s.name, g) for s, g in zip(slots, names) if not isinstance(g, str) or not g]
@@ -155,7 +159,7 @@ def assign_groups(slots: list[ParamSlot], groups: GroupSpec, leaves: dict[str, n
             raise TypeError(f"groups(name) must return a non-empty str for every parameter; got {bad[0][1]!r} "
                             f"for '{bad[0][0]}'")
         return names
-    raise ValueError(f"groups must be None, 'module' or a callable name -> group name; got {groups!r}")
+    raise ValueError(f"groups must be None, 'module', 'tensor' or a callable name -> group name; got {groups!r}")
 
 
 
@@ -196,7 +200,8 @@ class SketchFeaturizer(Featurizer):
         sketch_dim:  m, the width of a sketch.
         seed:        fixes every hash; train and query features must share it (and m, and the parameters).
         groups:      None (one sketch of all parameters), "module" (attention / mlp / norm / other, as present),
-                     or a callable: parameter name -> group name.
+                     "tensor" (every weight matrix its own block, the 1-D parameters one block together),
+                     or a callable: parameter name -> group name. With groups, m is the width of each block.
         leaves:      {leaf name: module} (from sdi.capture.loop_parameters); used by groups="module".
         max_chunk_elements: bound on each kernel temporary, in float32 elements.
         linear_kernel: "auto" (cost model), "fft" (TensorSketch) or "outer" (per-example outer
@@ -226,6 +231,9 @@ class SketchFeaturizer(Featurizer):
             self.group_names: list[str] = []
         elif groups == "module":
             self.group_names = [g for g in MODULE_GROUPS if g in self.slot_groups]
+        elif groups == "tensor":      # the matrices in parameter order, then the block of the vectors
+            names = list(dict.fromkeys(self.slot_groups))
+            self.group_names = [g for g in names if g != VECTORS_GROUP] + [g for g in names if g == VECTORS_GROUP]
         else:
             self.group_names = list(dict.fromkeys(self.slot_groups))
         self.group_of = {id(s.param): (self.group_names.index(g) if self.slot_groups else 0)

@@ -58,8 +58,10 @@ class StepInfluence:
                     or None for exact per-example gradients (P floats per example and step; for validation).
         seed:       the sketch's seed; train and query features must share it.
         groups:     sketched features only: None (one sketch of all parameters, features (N, T, m)),
-                    "module" (attention / mlp / norm / other kept apart, features (N, T, G, m)) or a callable
-                    parameter name -> group name.
+                    "module" (attention / mlp / norm / other kept apart, features (N, T, G, m)), "tensor" (every
+                    weight matrix its own block of m, the 1-D parameters one more: the layout to use on wide
+                    models, where short per-block FFTs cost less than the weight gradients they replace; see the
+                    README's performance section) or a callable parameter name -> group name.
 
     Example::
 

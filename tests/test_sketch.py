@@ -210,6 +210,27 @@ def test_query_with_more_loops_and_module_groups():
     assert rel_err(custom.features([batch]).features.sum(2), plain.features([batch]).features) < ROUNDING
 
 
+@pytest.mark.parametrize("kernel", ["fft", "outer"])
+def test_tensor_blocks_are_the_sketch_of_each_weight_matrix(kernel):
+    """groups='tensor': one block per weight matrix and one for all 1-D parameters; each block is the CountSketch
+    of its own parameters' oracle gradients (both Linear kernels), and the blocks add up to the fused sketch."""
+    model = small_gpt(n_loops=3)
+    batch = parity(5, n_bits=6, seed=2).batch(slice(None))
+    blocks = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=64, groups="tensor", progress=False)
+    blocks.featurizer.linear_kernel = kernel
+    matrices = [s.name for s in blocks.slots if len(s.shape) == 2]
+    assert blocks.featurizer.group_names == [*matrices, "vectors"] and len(matrices) >= 6
+    fb = blocks.features([batch]).features
+    assert fb.shape == (5, 3, len(matrices) + 1, 64)
+    phi = split_flat(oracle_per_step_grads(model, ["block"], blocks.param_names, loss_fn, batch, 3), blocks.slots)
+    for g, name in enumerate(blocks.featurizer.group_names):
+        own = [x if (s.name == name or (name == "vectors" and len(s.shape) == 1)) else torch.zeros_like(x)
+               for x, s in zip(phi, blocks.slots)]
+        assert rel_err(fb[:, :, g], blocks.featurizer.dense(own)[:, :, g]) < ROUNDING, name
+    fused = sdi.StepInfluence(model, model.block, loss_fn, sketch_dim=64, progress=False)
+    assert rel_err(fb.sum(2), fused.features([batch]).features) < ROUNDING
+
+
 # ------------------------------------------------------------------------------------------ statistics
 
 def _gradient_pairs(n_pairs: int = 4) -> tuple[SketchFeaturizer, list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -222,14 +243,14 @@ def _gradient_pairs(n_pairs: int = 4) -> tuple[SketchFeaturizer, list[tuple[torc
     return attr, pairs
 
 
-def _sketched_inner_products(attr, pairs, m: int, seeds: range) -> torch.Tensor:
-    """<S x, S y> for every seed and pair: (len(seeds), len(pairs)), float64."""
+def _sketched_inner_products(attr, pairs, m: int, seeds: range, groups=None) -> torch.Tensor:
+    """<S x, S y> (summed over blocks, as the scores are) for every seed and pair: (len(seeds), len(pairs))."""
     out = torch.zeros(len(seeds), len(pairs), dtype=torch.float64)
     xs = split_flat(torch.stack([x for x, _ in pairs]).float(), attr.slots)
     ys = split_flat(torch.stack([y for _, y in pairs]).float(), attr.slots)
     for i, seed in enumerate(seeds):
-        f = SketchFeaturizer(attr.slots, m, seed=seed)
-        out[i] = (f.dense(xs).double() * f.dense(ys).double()).sum(-1)
+        f = SketchFeaturizer(attr.slots, m, seed=seed, groups=groups)
+        out[i] = (f.dense(xs).double() * f.dense(ys).double()).flatten(1).sum(-1)
     return out
 
 
@@ -251,6 +272,28 @@ def test_sketched_inner_products_are_unbiased_over_200_seeds():
     # the bound has teeth: it would catch any bias above 3% of ||x|| ||y||
     for x, y in pairs:
         assert 4.5 * math.sqrt(count_sketch_variance(x, y, m) / n) < 0.03 * float(x.norm() * y.norm())
+
+
+def test_tensor_blocks_are_unbiased_with_the_variance_of_independent_blocks():
+    """groups='tensor': the score is a sum of independent per-block CountSketch estimates, so its variance is the
+    sum of the blocks' variances (each block of m buckets sees only its own parameters)."""
+    attr, pairs = _gradient_pairs()
+    m, n = 64, 200
+    est = _sketched_inner_products(attr, pairs, m, range(n), groups="tensor")
+    blocks = SketchFeaturizer(attr.slots, m, groups="tensor").group_of
+    members = {}
+    for s in attr.slots:
+        members.setdefault(blocks[id(s.param)], []).append(s)
+    assert len(members) >= 7
+    for j, (x, y) in enumerate(pairs):
+        xs, ys = split_flat(x, attr.slots), split_flat(y, attr.slots)
+        parts = {id(s.param): (a.flatten(), b.flatten()) for s, a, b in zip(attr.slots, xs, ys)}
+        variance = sum(count_sketch_variance(torch.cat([parts[id(s.param)][0] for s in group]),
+                                             torch.cat([parts[id(s.param)][1] for s in group]), m)
+                       for group in members.values())
+        theory_se, empirical_se = math.sqrt(variance / n), float(est[:, j].std() / math.sqrt(n))
+        assert 0.6 < empirical_se / theory_se < 1.5, (empirical_se, theory_se)
+        assert abs(float(est[:, j].mean()) - float(x.dot(y))) < 4.5 * max(theory_se, empirical_se), j
 
 
 def test_error_shrinks_with_m_as_the_count_sketch_variance_predicts():
