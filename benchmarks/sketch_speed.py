@@ -13,6 +13,7 @@ process (steadier than wall time on a shared machine) and wall seconds:
     python benchmarks/sketch_speed.py                          # N 256, tau 8, d_model 128, chains
     python benchmarks/sketch_speed.py --d-model 64 --m 4096 32768
     python benchmarks/sketch_speed.py --seq-len 64 --d-model 512 --n-heads 8 --m 8192 --thread-scaling 1 2
+    python benchmarks/sketch_speed.py --seq-len 64 --d-model 512 --n-heads 8 --m 1024 --groups tensor --thread-scaling 1 2
 
 ``--thread-scaling 1 2`` measures, instead, the wall seconds of the sketch kernels alone (and of the plain pass)
 with one and with two torch threads, and prints the speedup.
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-exact", action="store_true")
     ap.add_argument("--seq-len", type=int, default=None, help="parity of seq_len - 1 bits instead of the chains")
     ap.add_argument("--n-heads", type=int, default=4)
+    ap.add_argument("--groups", choices=("tensor", "module"), default=None,
+                    help="sketch layout: one m-vector (default), or m per weight matrix / per module kind")
     ap.add_argument("--thread-scaling", nargs="+", type=int, default=None, metavar="THREADS",
                     help="wall time of the kernels alone at each thread count (e.g. 1 2)")
     ap.add_argument("--out", type=Path, default=None)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows.append({"method": "plain forward+backward", "cpu_s": cpu0, "wall_s": wall0})
     print(f"plain: {cpu0:.2f} s CPU", flush=True)
     for m in args.m:
-        fz = SketchFeaturizer(attr.slots, m, leaves=attr.leaves)
+        fz = SketchFeaturizer(attr.slots, m, leaves=attr.leaves, groups=args.groups)
         cpu, wall = best_of(featurize_all(fz), args.repeats)
         kcpu, kwall = best_of(kernels_only(fz), args.repeats)
         rows.append({"method": f"sketch m={m}", "m": m, "cpu_s": cpu, "wall_s": wall, "kernel_cpu_s": kcpu})
@@ -153,7 +156,7 @@ def thread_scaling(args, plain, kernels_only, attr) -> dict:
     """
     rows = []
     for m in args.m:
-        kernels = kernels_only(SketchFeaturizer(attr.slots, m, leaves=attr.leaves))
+        kernels = kernels_only(SketchFeaturizer(attr.slots, m, leaves=attr.leaves, groups=args.groups))
         best = {t: {"m": m, "threads": t, "plain_wall_s": float("inf"), "kernel_wall_s": float("inf")}
                 for t in args.thread_scaling}
         for _ in range(args.repeats):
@@ -175,7 +178,8 @@ def thread_scaling(args, plain, kernels_only, attr) -> dict:
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "rows": rows,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
                            "load_average": os.getloadavg()}}
-    out = args.out or RESULTS / f"sketch_threads_d{args.d_model}_seq{args.seq_len or 'chains'}.json"
+    layout = f"_{args.groups}" if args.groups else ""
+    out = args.out or RESULTS / f"sketch_threads_d{args.d_model}_seq{args.seq_len or 'chains'}{layout}.json"
     atomic_write(out, lambda f: f.write(json.dumps(payload, indent=1).encode()))
     return payload
 

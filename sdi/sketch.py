@@ -50,6 +50,11 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 22
 #: noise of 4 MB).
 OUTER_BLOCK_ELEMENTS = 1 << 20
 
+#: Block of the FFT kernel on a CPU: float32 elements of the count-sketched tokens transformed at once (1 MB; the
+#: spectra are as large). Measured (benchmarks/sketch_speed.py kernels, 512 x 512 and 2048 x 512 weights, m 1,024,
+#: 64 tokens): 1.5-3.5x faster than 16 MB blocks, which left the caches; 2 MB blocks are within noise of 1 MB.
+FFT_BLOCK_ELEMENTS = 1 << 18
+
 #: Examples per thread in one block of the direct kernel (its scatter splits a block's examples between threads).
 OUTER_EXAMPLES_PER_THREAD = 2
 
@@ -187,6 +192,8 @@ def tensor_sketch_fft(target: torch.Tensor, delta: torch.Tensor, a: torch.Tensor
     """
     m = spec.sketch_dim
     R, N, _ = a.shape
+    if a.device.type == "cpu":      # a GPU wants big blocks; a CPU wants the block and its spectra in cache
+        budget = min(budget, FFT_BLOCK_ELEMENTS)
     for rows, toks in _token_chunks(R, N, 2 * m, budget):
         d_part = delta[rows, toks]
         r = d_part.shape[0]
@@ -253,12 +260,14 @@ def embedding_sketch(target: torch.Tensor, ids: torch.Tensor, delta: torch.Tenso
 def choose_linear_kernel(n_out: int, n_in: int, n_tokens: int, sketch_dim: int) -> str:
     """``"outer"`` or ``"fft"``: the cheaper kernel for one Linear weight (d_out, d_in) seen at ``n_tokens`` tokens.
 
-    A cost model per example, in ns on one CPU core (calibrated with benchmarks; GPUs agree in direction):
+    A cost model per example, in ns on one CPU core (fitted to the two kernels' times on d 128..2048 weights,
+    16 and 64 tokens, m 1,024..4,096; GPUs agree in direction):
 
-    - outer: d_out * d_in scattered adds (~1.8 ns) plus N * d_out * d_in multiply-adds in a small GEMM;
-    - fft:   2 N real FFTs of length m (~1 ns per m log2 m in context) plus 2 N scatters of d values.
+    - outer: d_out * d_in scattered adds (~2.2 ns each: the scatter dominates) plus a small GEMM (~0.01 ns per
+      entry and token);
+    - fft:   2 N real FFTs of length m (~0.45 ns per m log2 m for the pair) plus 2 N scatters of d values (~0.7 ns).
     """
     m = sketch_dim
-    outer = n_out * n_in * (1.8 + 0.08 * n_tokens)
-    fft = n_tokens * (m * math.log2(m) + 4.0 * (n_out + n_in))
+    outer = n_out * n_in * (2.2 + 0.01 * n_tokens)
+    fft = n_tokens * (0.45 * m * math.log2(m) + 0.7 * (n_out + n_in))
     return "outer" if outer <= fft else "fft"
